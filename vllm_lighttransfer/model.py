@@ -1,0 +1,115 @@
+"""LightTransfer model classes: vLLM's own models with lazy layers swapped in.
+
+What it does
+    ``LightTransferLlamaForCausalLM`` (and the Mistral, Qwen2, Qwen3 variants)
+    subclass vLLM's stock classes. After the stock constructor has built the
+    model, ``install_sink_window_attention`` replaces the ``Attention`` module
+    of every lazy layer by a ``SinkWindowAttention`` with the same heads,
+    scale and prefix. Projections, RoPE, weights and weight loading stay
+    vLLM's: RoPE runs before the KV cache write, so positions are never
+    re-indexed, as LightTransfer requires.
+
+Why a swap after construction
+    vLLM's attention modules (``LlamaAttention``, ``Qwen2Attention``…) build
+    their ``Attention`` inside ``__init__`` with no class to inject. Replacing
+    that one leaf module, once, at construction time works for every
+    architecture with one piece of code and copies no forward pass. The stock
+    module is unregistered from vLLM's forward context first, so layer names
+    stay unique.
+
+Constraints
+    The ``lighttransfer`` section is validated before any weight is built;
+    an invalid one raises ``LightTransferConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from vllm_lighttransfer.attention.backend import SinkWindowAttention
+from vllm_lighttransfer.config import LightTransferConfig, LightTransferConfigError
+
+logger = init_logger(__name__)
+
+
+def install_sink_window_attention(
+    model: nn.Module, cfg: LightTransferConfig, vllm_config: VllmConfig
+) -> list[int]:
+    """Replace the ``Attention`` of each lazy layer; return the swapped indices."""
+    forward_context = vllm_config.compilation_config.static_forward_context
+    swapped: list[int] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not Attention:
+                continue
+            layer_idx = extract_layer_index(child.layer_name)
+            if not cfg.is_lazy(layer_idx):
+                continue
+            forward_context.pop(child.layer_name, None)
+            lazy = SinkWindowAttention(
+                child.num_heads,
+                child.head_size,
+                child.impl.scale,
+                child.num_kv_heads,
+                sink_tokens=cfg.sink_tokens,
+                window_tokens=cfg.window_tokens,
+                cache_config=vllm_config.cache_config,
+                quant_config=child.quant_config,
+                prefix=child.layer_name,
+            )
+            setattr(parent, child_name, lazy)
+            swapped.append(layer_idx)
+    return sorted(swapped)
+
+
+class LightTransferMixin:
+    """Reads the ``lighttransfer`` section and swaps lazy layers after init."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        cfg = LightTransferConfig.from_hf_config(hf_config)
+        if type(self).__name__ != cfg.architecture:
+            raise LightTransferConfigError(
+                f"lighttransfer.base_architecture={cfg.base_architecture!r} does not "
+                f"match the architecture {type(self).__name__!r}; expected "
+                f"{cfg.architecture!r} for that base"
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self.lighttransfer_config = cfg
+        swapped = install_sink_window_attention(self, cfg, vllm_config)
+        # With pipeline parallelism a rank holds only some layers.
+        owned = [i for i in cfg.lazy_layers if i in swapped]
+        logger.info(
+            "LightTransfer: %d/%d lazy layers on this rank %s, sink_tokens=%d, "
+            "window_tokens=%d",
+            len(owned),
+            cfg.num_hidden_layers,
+            owned,
+            cfg.sink_tokens,
+            cfg.window_tokens,
+        )
+
+
+class LightTransferLlamaForCausalLM(LightTransferMixin, LlamaForCausalLM):
+    pass
+
+
+class LightTransferMistralForCausalLM(LightTransferMixin, MistralForCausalLM):
+    pass
+
+
+class LightTransferQwen2ForCausalLM(LightTransferMixin, Qwen2ForCausalLM):
+    pass
+
+
+class LightTransferQwen3ForCausalLM(LightTransferMixin, Qwen3ForCausalLM):
+    pass
