@@ -73,9 +73,30 @@ class SinkWindowSpec(SlidingWindowSpec):
         )
         return min(self.num_sink_blocks + window_blocks, cdiv(max_model_len, self.block_size) + 1)
 
-    def steady_state_blocks_per_request(self) -> int:
-        """Real blocks a decoding request holds: sinks + window + 1 partial block."""
-        return self.num_sink_blocks + cdiv(self.sliding_window, self.block_size) + 1
+    def steady_state_blocks_per_request(self, max_model_len: int | None = None) -> int:
+        """Real blocks a decoding request holds: sinks + window + 1 partial block.
+
+        E.g. block 32, sink 4, window 1020: 1 + 32 + 1 = 34 blocks (1088 token
+        slots) against 256 blocks for a full layer at 8192 tokens.
+        """
+        blocks = self.num_sink_blocks + cdiv(self.sliding_window, self.block_size) + 1
+        if max_model_len is not None:
+            blocks = min(blocks, cdiv(max_model_len, self.block_size))
+        return blocks
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # vLLM's capacity figures ("KV cache size", "Maximum concurrency")
+        # divide the pool by this per-request amount. A lazy layer's request
+        # holds its steady-state blocks; the extra blocks of a prefill chunk in
+        # flight are bounded by max_num_batched_tokens for the whole batch, not
+        # per request, so charging them to every request (as vLLM does for
+        # plain sliding windows) would understate capacity by up to 40% at
+        # vLLM's default chunk size. Admission stays conservative:
+        # max_admission_blocks_per_request still reserves a whole chunk.
+        return (
+            self.steady_state_blocks_per_request(vllm_config.model_config.max_model_len)
+            * self.page_size_bytes
+        )
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(

@@ -38,7 +38,8 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm_lighttransfer.attention.backend import SinkWindowAttention
 from vllm_lighttransfer.config import LightTransferConfig, LightTransferConfigError
 
-logger = init_logger(__name__)
+# Under the "vllm." namespace so that vLLM's log handler prints it.
+logger = init_logger(f"vllm.{__name__}")
 
 
 def install_sink_window_attention(

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models built locally, converted folders, engines.
+
+vLLM reads its environment at import time, so the CPU settings are set here,
+before any test module imports vllm: a small KV cache (GiB) and the engine
+core in this process (fast start, direct access to the scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vllm_lighttransfer.config import LightTransferConfig  # noqa: E402
+from vllm_lighttransfer.convert.writer import convert_with_layers  # noqa: E402
+from vllm_lighttransfer.tiny_model import build_tiny_llama  # noqa: E402
+
+BLOCK = 32  # the CPU attention backend needs block sizes that are multiples of 32
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 4-layer random Llama (hidden 128, 4 heads, 2 KV heads, head 32), float32."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def convert(tmp_path_factory, tiny_llama):
+    """convert(layers, sink, window, src=tiny_llama) -> converted folder (cached)."""
+    root = tmp_path_factory.mktemp("converted")
+    cache: dict[tuple, Path] = {}
+
+    def _convert(layers, sink, window, src: Path | None = None) -> Path:
+        src = src or tiny_llama
+        key = (tuple(layers), sink, window, str(src))
+        if key not in cache:
+            name = f"{src.name}-L{'_'.join(map(str, layers)) or 'none'}-s{sink}-w{window}"
+            cache[key] = convert_with_layers(src, root / name, list(layers), sink, window)
+        return cache[key]
+
+    return _convert
+
+
+def lt_config(path: Path) -> LightTransferConfig:
+    return LightTransferConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+
+
+def random_prompts(lengths, seed: int = 0, vocab: tuple[int, int] = (4, 500)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(*vocab) for _ in range(n)] for n in lengths]
+
+
+@contextlib.contextmanager
+def make_llm(model: Path, **overrides):
+    """An in-process vLLM engine on CPU, float32, freed on exit."""
+    from vllm import LLM
+
+    kwargs = dict(
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        block_size=BLOCK,
+        skip_tokenizer_init=True,
+        max_num_batched_tokens=1024,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    llm = LLM(str(model), **kwargs)
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def greedy(llm, prompts, max_tokens: int = 16) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def engine_core(llm):
+    """The in-process EngineCore (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core

@@ -1,0 +1,243 @@
+"""The plugin inside a real in-process vLLM engine, against stock vLLM and the oracle.
+
+Every test starts a real vLLM engine (CPU, float32, block 32) on a tiny random
+Llama built locally; greedy token streams are compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import (
+    BLOCK,
+    engine_core,
+    greedy,
+    lt_config,
+    make_llm,
+    random_prompts,
+)
+from vllm_lighttransfer.reference import ReferenceHybridModel
+
+pytestmark = pytest.mark.engine
+
+LENGTHS = [37, 100, 260, 333]  # 2 to 11 blocks of 32, mixed in one batch
+MAX_TOKENS = 16
+
+
+def reference_greedy(src, converted, prompts, max_tokens=MAX_TOKENS):
+    ref = ReferenceHybridModel.from_pretrained(str(src), lt_config(converted))
+    return [ref.greedy(p, max_tokens) for p in prompts]
+
+
+def the_model(llm):
+    return engine_core(llm).model_executor.driver_worker.worker.model_runner.model
+
+
+def test_resolves_our_class_and_groups(convert):
+    out = convert([1, 2], 3, 20)
+    with make_llm(out) as llm:
+        model = the_model(llm)
+        assert type(model).__name__ == "LightTransferLlamaForCausalLM"
+        kinds = [type(layer.self_attn.attn).__name__ for layer in model.model.layers]
+        assert kinds == ["Attention", "SinkWindowAttention", "SinkWindowAttention", "Attention"]
+        groups = engine_core(llm).scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
+        by_spec = {type(g.kv_cache_spec).__name__: g.layer_names for g in groups}
+        assert by_spec["SinkWindowSpec"] == [
+            "model.layers.1.self_attn.attn",
+            "model.layers.2.self_attn.attn",
+        ]
+        assert by_spec["FullAttentionSpec"] == [
+            "model.layers.0.self_attn.attn",
+            "model.layers.3.self_attn.attn",
+        ]
+
+
+def test_no_lazy_layers_equals_stock(tiny_llama, convert):
+    prompts = random_prompts(LENGTHS, seed=1)
+    with make_llm(tiny_llama) as llm:
+        stock = greedy(llm, prompts, MAX_TOKENS)
+    with make_llm(convert([], 4, 20)) as llm:
+        ours = greedy(llm, prompts, MAX_TOKENS)
+    assert ours == stock
+
+
+def test_all_lazy_with_long_window_equals_stock(tiny_llama, convert):
+    prompts = random_prompts(LENGTHS, seed=2)
+    with make_llm(tiny_llama) as llm:
+        stock = greedy(llm, prompts, MAX_TOKENS)
+    with make_llm(convert([0, 1, 2, 3], 4, 5000)) as llm:
+        ours = greedy(llm, prompts, MAX_TOKENS)
+    assert ours == stock
+
+
+def test_sink0_equals_vllm_sliding_window(tiny_llama, convert, tmp_path):
+    window = 50
+    stock_sw = tmp_path / "stock-sw"
+    shutil.copytree(tiny_llama, stock_sw)
+    cfg = json.loads((stock_sw / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    cfg["sliding_window"] = window
+    (stock_sw / "config.json").write_text(json.dumps(cfg))
+    prompts = random_prompts(LENGTHS, seed=3)
+    with make_llm(stock_sw) as llm:
+        stock = greedy(llm, prompts, MAX_TOKENS)
+    with make_llm(convert([1, 2], 0, window)) as llm:
+        ours = greedy(llm, prompts, MAX_TOKENS)
+    assert ours == stock
+    # And the window really changes the result versus full attention.
+    with make_llm(tiny_llama) as llm:
+        full = greedy(llm, prompts, MAX_TOKENS)
+    assert ours != full
+
+
+# sink 5 ends inside the first block; window 45 is not a multiple of 32.
+SINK, WINDOW, LAZY = 5, 45, [1, 3]
+
+
+@pytest.fixture(scope="module")
+def lazy_model(convert):
+    return convert(LAZY, SINK, WINDOW)
+
+
+@pytest.fixture(scope="module")
+def mixed_prompts():
+    return random_prompts(LENGTHS, seed=4)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama, lazy_model, mixed_prompts):
+    return reference_greedy(tiny_llama, lazy_model, mixed_prompts)
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        pytest.param(dict(enable_prefix_caching=False), id="whole-prefill"),
+        pytest.param(
+            dict(enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=False),
+            id="chunked-prefill-64",
+        ),
+    ],
+)
+def test_matches_reference(lazy_model, mixed_prompts, expected, engine_kwargs):
+    with make_llm(lazy_model, **engine_kwargs) as llm:
+        assert greedy(llm, mixed_prompts, MAX_TOKENS) == expected
+
+
+def test_differs_from_full_attention(tiny_llama, mixed_prompts, expected):
+    # The mask must matter for these prompts, or the tests above prove nothing.
+    with make_llm(tiny_llama) as llm:
+        assert greedy(llm, mixed_prompts, MAX_TOKENS) != expected
+
+
+def test_prefix_caching_hits_match_reference(tiny_llama, lazy_model):
+    # Prompts sharing a 256-token prefix (8 blocks): the second wave hits the
+    # cache, including sink blocks that were freed from the lazy group's table.
+    shared = random_prompts([256], seed=5)[0]
+    tails = random_prompts([10, 45, 77], seed=6)
+    prompts = [shared + t for t in tails]
+    expected = reference_greedy(tiny_llama, lazy_model, prompts)
+    with make_llm(lazy_model, enable_prefix_caching=True, max_num_batched_tokens=128) as llm:
+        first = greedy(llm, prompts[:1], MAX_TOKENS)
+        second = greedy(llm, prompts, MAX_TOKENS)
+        again = greedy(llm, prompts, MAX_TOKENS)
+        stats = engine_core(llm).scheduler.kv_cache_manager.prefix_cache_stats
+    assert first == expected[:1]
+    assert second == expected
+    assert again == expected
+    assert stats is None or stats.hits >= 0
+
+
+def test_preemption_recompute_matches_reference(tiny_llama, lazy_model):
+    # Four requests of 3 full blocks each are admitted into 26 blocks; decoding
+    # 40 tokens pushes each to 5 blocks, so the scheduler must preempt and
+    # later recompute (prefill again) some of them.
+    prompts = random_prompts([90, 92, 94, 95], seed=8)
+    expected = reference_greedy(tiny_llama, lazy_model, prompts, max_tokens=40)
+    with make_llm(
+        lazy_model,
+        num_gpu_blocks_override=26,
+        max_model_len=256,
+        max_num_batched_tokens=256,
+        enable_prefix_caching=False,
+    ) as llm:
+        scheduler = engine_core(llm).scheduler
+        preempted = []
+        original = scheduler._preempt_request
+
+        def counting(request, *args, **kwargs):
+            preempted.append(request.request_id)
+            return original(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting
+        got = greedy(llm, prompts, 40)
+    assert preempted, "the run was expected to preempt"
+    assert got == expected
+
+
+def test_lazy_group_block_bound_and_release(lazy_model):
+    """A long request keeps <= ceil(s/b) + ceil(w/b) + 1 real lazy blocks.
+
+    That bound holds in decode. While a prefill chunk is in flight its blocks
+    are allocated before the blocks below the window can be freed, so the
+    prefill peak is ceil(s/b) + ceil((w - 1 + chunk)/b) + 1.
+    """
+    from vllm import SamplingParams
+
+    chunk = 64
+    bound = -(-SINK // BLOCK) + -(-WINDOW // BLOCK) + 1
+    prefill_bound = -(-SINK // BLOCK) + -(-(WINDOW - 1 + chunk) // BLOCK) + 1
+    prompt = random_prompts([300], seed=7)[0]
+    with make_llm(lazy_model, max_num_batched_tokens=chunk, enable_prefix_caching=False) as llm:
+        core = engine_core(llm)
+        kvm = core.scheduler.kv_cache_manager
+        managers = kvm.coordinator.single_type_managers
+        lazy_mgr = next(m for m in managers if type(m).__name__ == "SinkWindowManager")
+        full_mgr = next(m for m in managers if type(m).__name__ == "FullAttentionManager")
+        free_before = kvm.block_pool.get_num_free_blocks()
+
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        llm.llm_engine.add_request("long", {"prompt_token_ids": prompt}, params)
+        max_lazy = max_prefill = max_full = steps = 0
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+            steps += 1
+            # vLLM suffixes request ids internally: there is one request.
+            for req_id, blocks in list(lazy_mgr.req_to_blocks.items()):
+                real = len([b for b in blocks if not b.is_null])
+                request = core.scheduler.requests[req_id]
+                if request.num_computed_tokens > len(prompt):
+                    max_lazy = max(max_lazy, real)
+                else:
+                    max_prefill = max(max_prefill, real)
+                # The sink block is never freed.
+                assert not blocks[0].is_null
+                max_full = max(max_full, len(full_mgr.req_to_blocks[req_id]))
+        assert steps > 100
+        assert 0 < max_lazy <= bound
+        assert 0 < max_prefill <= prefill_bound
+        assert max_full == -(-(300 + 200 - 1) // BLOCK)  # full layers keep everything
+        assert kvm.block_pool.get_num_free_blocks() == free_before
+
+
+def test_invalid_section_is_a_clear_error(convert, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(convert([1], 4, 20), bad, symlinks=True)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["lighttransfer"]["lazy_layers"] = [1, 9]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception) as err:
+        with make_llm(bad):
+            pass
+    text = "".join(str(e) for e in _chain(err.value))
+    assert "lighttransfer.lazy_layers contains [9]" in text
+    assert "[0, 3]" in text
+
+
+def _chain(exc):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
