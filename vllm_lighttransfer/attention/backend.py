@@ -119,6 +119,7 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
             )
         self.sink_tokens, self.window_tokens = settings.pop()
         self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
 
     def build(
         self,
@@ -137,6 +138,7 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
             window_tokens=self.window_tokens,
             max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len,
+            num_kv_heads=self.num_kv_heads,
         )
         return SinkWindowMetadata(num_actual_tokens=cm.num_actual_tokens, plan=plan)
 

@@ -30,8 +30,8 @@ KV cache layout
     any layout vLLM resolves works.
 
 Limitations
-    Keys that are masked for every query of a tile are still gathered (at most
-    ``Q - 1`` per tile); float32 softmax.
+    A tile gathers ``Q - 1`` keys more than a single query needs; scores and
+    softmax run in float32 whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class SinkWindowPlan:
     q_valid: torch.Tensor  # [nt, Q] bool
     k_block: torch.Tensor  # [nt, K] long: physical block id of each key
     k_offset: torch.Tensor  # [nt, K] long: slot inside the block
-    k_used: torch.Tensor  # [nt, K] bool: key attended by at least one query
-    mask: torch.Tensor  # [nt, 1, 1, Q, K] bool: allowed (query, key) pairs
+    blocked: torch.Tensor  # [nt, 1, 1, Q, K] bool: (query, key) pairs NOT allowed
+    kv_heads: torch.Tensor  # [Hkv] long: arange, to gather [nt, Hkv, K] at once
 
 
 def plan_sink_window(
@@ -65,6 +65,7 @@ def plan_sink_window(
     window_tokens: int,
     max_query_len: int,
     max_seq_len: int,
+    num_kv_heads: int,
     tile: int = DEFAULT_TILE,
 ) -> SinkWindowPlan:
     device = seq_lens.device
@@ -105,6 +106,10 @@ def plan_sink_window(
     # Padded query rows attend to key 0 only, so softmax never sees an empty
     # row; their output is discarded.
     mask[:, :, 0] |= ~q_valid
+    # Keys no query of the tile uses may sit in freed or null blocks holding
+    # anything (NaN included, and 0 * NaN is NaN). Point them at the slot of
+    # the tile's first query instead: written this step, always finite.
+    k_pos = torch.where(k_used, k_pos, first_q[:, None])
 
     max_pos = block_table.shape[1] * block_size - 1
     kp_c = k_pos.clamp(0, max_pos)
@@ -116,8 +121,8 @@ def plan_sink_window(
         q_valid=q_valid,
         k_block=k_block,
         k_offset=k_offset,
-        k_used=k_used,
-        mask=mask[:, None, None],
+        blocked=~mask[:, None, None],
+        kv_heads=torch.arange(num_kv_heads, device=device),
     )
 
 
@@ -153,20 +158,24 @@ def sink_window_attention(
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
     group = num_heads // num_kv_heads
+    K = plan.k_block.shape[1]
 
+    # One gather straight into [nt, Hkv, K, 2D]: contiguous per head.
+    kv = kv_cache[plan.k_block[:, None, :], plan.kv_heads[None, :, None], plan.k_offset[:, None, :]]
+    kv = kv.float()
+    k = kv[..., :head_size]  # [nt, Hkv, K, D] (strided view, no copy)
+    v = kv[..., head_size:]
+    # Fold the query heads sharing a KV head into the rows of one matmul.
     q = query[plan.q_index].float()  # [nt, Q, H, D]
     q = q.view(nt, Q, num_kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
-    kv = kv_cache[plan.k_block, :, plan.k_offset]  # [nt, K, Hkv, 2D]
-    # Unused slots may hold anything (null block, recycled blocks): zero them
-    # so that 0-probability * garbage cannot produce NaN.
-    kv = torch.where(plan.k_used[:, :, None, None], kv, torch.zeros((), dtype=kv.dtype, device=kv.device))
-    k = kv[..., :head_size].permute(0, 2, 1, 3).float()  # [nt, Hkv, K, D]
-    v = kv[..., head_size:].permute(0, 2, 1, 3).float()
+    q = q.reshape(nt, num_kv_heads, group * Q, head_size)
 
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale  # [nt,Hkv,G,Q,K]
-    scores.masked_fill_(~plan.mask, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [nt, Hkv, G*Q, K]
+    scores.mul_(scale)
+    scores.view(nt, num_kv_heads, group, Q, K).masked_fill_(plan.blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.unsqueeze(2))  # [nt, Hkv, G, Q, D]
-    out = out.permute(0, 3, 1, 2, 4).reshape(nt, Q, num_heads, head_size)
+    out = torch.matmul(probs, v)  # [nt, Hkv, G*Q, D]
+    out = out.view(nt, num_kv_heads, group, Q, head_size).permute(0, 3, 1, 2, 4)
+    out = out.reshape(nt, Q, num_heads, head_size)
     output[plan.q_index[plan.q_valid]] = out[plan.q_valid].to(output.dtype)
     return output

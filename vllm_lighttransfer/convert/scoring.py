@@ -258,6 +258,7 @@ def score_layers(
     try:
         with _scoring_attention_enabled(model):
             for i, prompt in enumerate(prompts):
+                bar.set_postfix(prompt=f"{i + 1}/{len(prompts)}")
                 collector = _Collector(sink_tokens, window_tokens, n_last, num_layers, progress=bar)
                 token = _ACTIVE.set(collector)
                 try:
@@ -273,7 +274,6 @@ def score_layers(
                         f"{type(model).__name__} does not use transformers' AttentionInterface"
                     )
                 rows.append(torch.stack([collector.per_head[l] for l in range(num_layers)]))
-                bar.set_postfix(prompt=f"{i + 1}/{len(prompts)}")
     finally:
         bar.close()
     seconds = time.perf_counter() - start

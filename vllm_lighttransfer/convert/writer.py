@@ -74,8 +74,14 @@ def write_converted(
     link: bool = True,
     force: bool = False,
     extra_files: Mapping[str, bytes] | None = None,
+    move: bool = False,
 ) -> Path:
-    """Materialize ``out`` from ``src`` with ``config`` as its config.json."""
+    """Materialize ``out`` from ``src`` with ``config`` as its config.json.
+
+    ``link``: symlink each file of ``src``; otherwise copy it. ``move``
+    (overrides ``link``): move the files instead, for a ``src`` that is our
+    own scratch folder (a dequantized GGUF), so big weights are not copied.
+    """
     src, out = Path(src).resolve(), Path(out).resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
@@ -86,7 +92,9 @@ def write_converted(
             if item.name == "config.json" or item.name.startswith("."):
                 continue
             target = tmp / item.name
-            if link:
+            if move:
+                shutil.move(str(item), target)
+            elif link:
                 os.symlink(item.resolve(), target)
             elif item.is_dir():
                 shutil.copytree(item, target)
@@ -94,7 +102,11 @@ def write_converted(
                 shutil.copy2(item, target)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+            target = tmp / name
+            if target.is_symlink() or target.exists():
+                # Never write through a link into the source folder.
+                target.unlink()
+            target.write_bytes(data)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
