@@ -190,6 +190,19 @@ def _check_flags(args: argparse.Namespace) -> None:
         args.sink_tokens, args.window_tokens, args.n_last,
         args.calibration_length if scoring else None,
     )
+    if scoring:
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LightTransferConfigError(f"--device={name}: not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LightTransferConfigError(f"--device={name}: CUDA is not available on this machine")
 
 
 def _check_paths(src: Path, out: Path, force: bool) -> None:
@@ -426,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our messages at INFO, everybody else's (matplotlib, transformers) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="lighttransfer: %(message)s", stream=sys.stderr)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         out = convert(args)
     except LightTransferConfigError as exc:

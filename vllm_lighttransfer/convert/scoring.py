@@ -36,7 +36,9 @@ Constraints
     One prompt at a time, no padding (batch 1). Every prompt must be longer
     than ``sink_tokens + window_tokens``, otherwise S holds every key and the
     score is 1 for every layer. Models must use transformers' functional
-    attention interface (Llama, Mistral, Qwen2, Qwen3 do).
+    attention interface (Llama, Mistral, Qwen2, Qwen3 do). The score assumes
+    full causal attention: for a model with a native sliding window, keep the
+    calibration length within that window.
 """
 
 from __future__ import annotations
