@@ -57,7 +57,7 @@ def test_paged_equals_reference(seed):
     query = torch.randn(int(qsl[-1]), heads, head_size)
     plan = plan_sink_window(
         qsl, torch.tensor(seq_lens), table, block_size, sink, window,
-        max(q_lens), max(seq_lens), kv_heads, tile=rng.choice([1, 8, 64]),
+        max(q_lens), max(seq_lens), kv_heads, heads // kv_heads, tile=rng.choice([1, 8, 64]),
     )
     out = torch.full_like(query, float("nan"))
     sink_window_attention(query, cache, plan, 0.3, out)
@@ -80,7 +80,7 @@ def test_freed_blocks_are_never_read():
         table[0, b] = 0
     cache[0] = float("nan")  # the null block
     query = torch.randn(1, 4, 16)
-    plan = plan_sink_window(torch.tensor([0, 1]), torch.tensor([seq]), table, block_size, sink, window, 1, seq, 2)
+    plan = plan_sink_window(torch.tensor([0, 1]), torch.tensor([seq]), table, block_size, sink, window, 1, seq, 2, 2)
     out = torch.zeros_like(query)
     sink_window_attention(query, cache, plan, 0.25, out)
     ref = reference_attention(query, keys[0], values[0], torch.tensor([seq - 1]), torch.arange(seq), 0.25, sink, window)
@@ -92,7 +92,7 @@ def test_bfloat16_within_tolerance():
     cache, table, keys, values = _paged_batch(random.Random(1), [90, 40], 2, 32, 16, torch.bfloat16)
     qsl = torch.tensor([0, 90, 91])
     query = torch.randn(91, 4, 32).to(torch.bfloat16)
-    plan = plan_sink_window(qsl, torch.tensor([90, 40]), table, 16, 4, 20, 90, 90, 2)
+    plan = plan_sink_window(qsl, torch.tensor([90, 40]), table, 16, 4, 20, 90, 90, 2, 2)
     out = torch.zeros_like(query)
     sink_window_attention(query, cache, plan, 0.2, out)
     ref = reference_attention(query[:90].float(), keys[0].float(), values[0].float(), torch.arange(90), torch.arange(90), 0.2, 4, 20)

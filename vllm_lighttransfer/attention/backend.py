@@ -108,16 +108,20 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         settings = {
-            (layer.impl.sink_tokens, layer.impl.window_tokens)
+            (
+                layer.impl.sink_tokens,
+                layer.impl.window_tokens,
+                layer.impl.num_heads // layer.impl.num_kv_heads,
+            )
             for layer in layers.values()
             if isinstance(layer.impl, SinkWindowAttentionImpl)
         }
         if len(settings) != 1:
             raise ValueError(
-                "every lazy layer of a KV cache group must share sink_tokens and "
-                f"window_tokens; got {sorted(settings)}"
+                "every lazy layer of a KV cache group must share sink_tokens, "
+                f"window_tokens and heads per KV head; got {sorted(settings)}"
             )
-        self.sink_tokens, self.window_tokens = settings.pop()
+        self.sink_tokens, self.window_tokens, self.num_queries_per_kv = settings.pop()
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
 
@@ -139,6 +143,7 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
             max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len,
             num_kv_heads=self.num_kv_heads,
+            num_queries_per_kv=self.num_queries_per_kv,
         )
         return SinkWindowMetadata(num_actual_tokens=cm.num_actual_tokens, plan=plan)
 

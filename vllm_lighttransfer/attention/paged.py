@@ -30,8 +30,9 @@ KV cache layout
     any layout vLLM resolves works.
 
 Limitations
-    A tile gathers ``Q - 1`` keys more than a single query needs; scores and
-    softmax run in float32 whatever the model dtype.
+    A tile gathers ``Q - 1`` keys more than a single query needs, and the
+    mask is dense over the gathered keys (``torch``'s fused attention with a
+    boolean mask; no block skipping inside a tile).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Queries per tile in prefill. Larger tiles re-read fewer keys per query
 # (sink + window + Q - 1 keys for Q queries) but pad more in mixed batches.
@@ -52,8 +54,9 @@ class SinkWindowPlan:
     q_valid: torch.Tensor  # [nt, Q] bool
     k_block: torch.Tensor  # [nt, K] long: physical block id of each key
     k_offset: torch.Tensor  # [nt, K] long: slot inside the block
-    blocked: torch.Tensor  # [nt, 1, 1, Q, K] bool: (query, key) pairs NOT allowed
+    allowed: torch.Tensor  # [nt, 1, G * Q, K] bool: allowed (query row, key) pairs
     kv_heads: torch.Tensor  # [Hkv] long: arange, to gather [nt, Hkv, K] at once
+    kv_rows: torch.Tensor  # [nt * Hkv * K] long: rows of a contiguous cache viewed [-1, 2D]
 
 
 def plan_sink_window(
@@ -66,6 +69,7 @@ def plan_sink_window(
     max_query_len: int,
     max_seq_len: int,
     num_kv_heads: int,
+    num_queries_per_kv: int,
     tile: int = DEFAULT_TILE,
 ) -> SinkWindowPlan:
     device = seq_lens.device
@@ -115,14 +119,20 @@ def plan_sink_window(
     kp_c = k_pos.clamp(0, max_pos)
     k_block = block_table.long()[tile_req[:, None], kp_c // block_size]
     k_offset = kp_c % block_size
+    kv_heads = torch.arange(num_kv_heads, device=device)
     return SinkWindowPlan(
         num_tiles=num_tiles,
         q_index=tok,
         q_valid=q_valid,
         k_block=k_block,
         k_offset=k_offset,
-        blocked=~mask[:, None, None],
-        kv_heads=torch.arange(num_kv_heads, device=device),
+        # Rows ordered (query head in group, query): see sink_window_attention.
+        allowed=mask[:, None, None]
+        .expand(num_tiles, 1, num_queries_per_kv, Q, mask.shape[-1])
+        .reshape(num_tiles, 1, num_queries_per_kv * Q, mask.shape[-1]),
+        kv_heads=kv_heads,
+        kv_rows=((k_block[:, None, :] * num_kv_heads + kv_heads[None, :, None]) * block_size
+                 + k_offset[:, None, :]).flatten(),
     )
 
 
@@ -158,23 +168,25 @@ def sink_window_attention(
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
     group = num_heads // num_kv_heads
+
+    # One gather straight into [nt, Hkv, K, 2D]: contiguous per head. A
+    # contiguous cache (vLLM's default CPU layout) is gathered as rows, the
+    # fastest copy; any other layout through the strided view.
     K = plan.k_block.shape[1]
-
-    # One gather straight into [nt, Hkv, K, 2D]: contiguous per head.
-    kv = kv_cache[plan.k_block[:, None, :], plan.kv_heads[None, :, None], plan.k_offset[:, None, :]]
-    kv = kv.float()
-    k = kv[..., :head_size]  # [nt, Hkv, K, D] (strided view, no copy)
+    if kv_cache.is_contiguous():
+        kv = kv_cache.view(-1, kv_cache.shape[-1]).index_select(0, plan.kv_rows)
+        kv = kv.view(nt, num_kv_heads, K, kv_cache.shape[-1])
+    else:
+        kv = kv_cache[plan.k_block[:, None, :], plan.kv_heads[None, :, None], plan.k_offset[:, None, :]]
+    k = kv[..., :head_size]  # [nt, Hkv, K, D]
     v = kv[..., head_size:]
-    # Fold the query heads sharing a KV head into the rows of one matmul.
-    q = query[plan.q_index].float()  # [nt, Q, H, D]
+    # Fold the query heads sharing a KV head into the rows of one attention.
+    q = query[plan.q_index]  # [nt, Q, H, D]
     q = q.view(nt, Q, num_kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
-    q = q.reshape(nt, num_kv_heads, group * Q, head_size)
-
-    scores = torch.matmul(q, k.transpose(-1, -2))  # [nt, Hkv, G*Q, K]
-    scores.mul_(scale)
-    scores.view(nt, num_kv_heads, group, Q, K).masked_fill_(plan.blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)  # [nt, Hkv, G*Q, D]
+    q = q.reshape(nt, num_kv_heads, group * Q, head_size).to(kv.dtype)
+    # PyTorch's fused attention (flash kernel on CPU): scale, mask, softmax
+    # and both products in one pass, float32 accumulation.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale)
     out = out.view(nt, num_kv_heads, group, Q, head_size).permute(0, 3, 1, 2, 4)
     out = out.reshape(nt, Q, num_heads, head_size)
     output[plan.q_index[plan.q_valid]] = out[plan.q_valid].to(output.dtype)
