@@ -79,3 +79,28 @@ def test_entry_point_declared():
 
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert eps.get("lighttransfer") == "vllm_lighttransfer:register"
+
+
+@pytest.mark.serve
+def test_vllm_serve_rejects_bad_section_at_config_load(convert, tmp_path):
+    """`vllm serve` stops at config load, before any engine, naming field and range."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(convert([1], 4, 20), bad, symlinks=True)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["lighttransfer"]["window_tokens"] = 0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    exe = Path(sys.executable).with_name("vllm")
+    proc = subprocess.run(
+        [str(exe), "serve", str(bad), "--max-model-len", "256", "--block-size", "32",
+         "--host", "127.0.0.1", "--port", "0"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "lighttransfer.window_tokens=0: expected an integer >= 1" in out
+    assert "EngineCore" not in out  # refused before any engine process started

@@ -30,6 +30,16 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, f"vllm_lighttransfer.model:{arch}")
 
+    # Validate the lighttransfer section when vLLM builds its ModelConfig (in
+    # the API server, before any engine starts), through vLLM's per-arch
+    # config hook table, so a bad value is one clear error at config load.
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from vllm_lighttransfer.config import LightTransferConfigCheck
+
+    for arch in ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, LightTransferConfigCheck)
+
     from vllm_lighttransfer.attention.backend import BACKEND_NAME
 
     if BACKEND_NAME not in AttentionBackendEnum.__members__:

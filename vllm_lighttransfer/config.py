@@ -187,3 +187,26 @@ def kv_bytes_ratio(
     return (n_full * full_blocks + n_lazy * lazy_blocks) / (
         cfg.num_hidden_layers * full_blocks
     )
+
+
+class LightTransferConfigCheck:
+    """vLLM per-architecture config hook (``MODELS_CONFIG_MAP``): validate early.
+
+    vLLM calls ``verify_and_update_model_config`` while it builds its
+    ``ModelConfig``; ``verify_and_update_config`` once the whole config exists.
+    Duck-typed on vLLM's ``VerifyAndUpdateConfig`` so this module needs no vLLM.
+    """
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        cfg = LightTransferConfig.from_hf_config(model_config.hf_config)
+        archs = getattr(model_config.hf_config, "architectures", None) or []
+        if archs and archs[0] in ARCHITECTURES and ARCHITECTURES[archs[0]] != cfg.base_architecture:
+            raise LightTransferConfigError(
+                f"{SECTION}.base_architecture={cfg.base_architecture!r} does not match "
+                f"architectures={archs!r}; expected {ARCHITECTURES[archs[0]]!r}"
+            )
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        return None
