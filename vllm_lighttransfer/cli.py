@@ -242,12 +242,12 @@ def _base_of(config: dict[str, Any], shown: str) -> str:
     )
 
 
-def _score(args, hf_dir: Path, config: dict[str, Any]) -> tuple[list[int], dict, dict, dict]:
+def _score(args: argparse.Namespace, hf_dir: Path) -> tuple[list[int], dict, dict, dict]:
     """Calibrate, score and select; returns layers, settings, scores, selection."""
     from transformers import AutoTokenizer
 
     from vllm_lighttransfer.convert import calibration
-    from vllm_lighttransfer.convert.scoring import load_model, score_layers
+    from vllm_lighttransfer.convert.scoring import check_prompt_length, load_model, score_layers
     from vllm_lighttransfer.convert.select import select_by_ratio, select_by_threshold
 
     texts, cal_source = calibration.load_texts(args.calibration)
@@ -258,8 +258,6 @@ def _score(args, hf_dir: Path, config: dict[str, Any]) -> tuple[list[int], dict,
     logger.info("calibration: %d prompts of %s tokens from %s",
                 len(prompts), sorted({len(p) for p in prompts}), cal_source)
     # Fail on too-short calibration before the model loads.
-    from vllm_lighttransfer.convert.scoring import check_prompt_length
-
     for p in prompts:
         check_prompt_length(len(p), args.sink_tokens, args.window_tokens, args.n_last)
 
@@ -374,7 +372,7 @@ def convert(args: argparse.Namespace) -> Path:
                 args.sink_tokens, args.window_tokens, args.n_last,
                 args.calibration_length, config.get("max_position_embeddings"),
             )
-            layers, settings, scores, selection = _score(args, hf_dir, config)
+            layers, settings, scores, selection = _score(args, hf_dir)
             timings.update(scores.pop("_timings"))
             sink, window, method = args.sink_tokens, args.window_tokens, "scored"
         if not layers:

