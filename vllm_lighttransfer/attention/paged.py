@@ -57,6 +57,7 @@ class SinkWindowPlan:
     allowed: torch.Tensor  # [nt, 1, G * Q, K] bool: allowed (query row, key) pairs
     kv_heads: torch.Tensor  # [Hkv] long: arange, to gather [nt, Hkv, K] at once
     kv_rows: torch.Tensor  # [nt * Hkv * K] long: rows of a contiguous cache viewed [-1, 2D]
+    dense: bool  # no padded query rows: tile rows are exactly query rows 0 .. T-1
 
 
 def plan_sink_window(
@@ -133,6 +134,9 @@ def plan_sink_window(
         kv_heads=kv_heads,
         kv_rows=((k_block[:, None, :] * num_kv_heads + kv_heads[None, :, None]) * block_size
                  + k_offset[:, None, :]).flatten(),
+        # Tiles are consecutive runs of each request's rows, requests in
+        # order: without padding they cover rows 0 .. T-1 in order.
+        dense=num_tiles * Q == int(qsl[-1].item()),
     )
 
 
@@ -142,17 +146,20 @@ def write_kv(
     value: torch.Tensor,  # [T, Hkv, D]
     slot_mapping: torch.Tensor,  # [>= T] long, -1 for padding
 ) -> None:
-    block_size = kv_cache.shape[2]
-    head_size = key.shape[-1]
+    num_blocks, num_kv_heads, block_size, width = kv_cache.shape
     num_tokens = key.shape[0]
-    slots = slot_mapping[:num_tokens].long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
+    # Padding tokens (slot -1) write into slot 0 of block 0, vLLM's null
+    # block: never read as data, and no sync to filter them out.
+    slots = slot_mapping[:num_tokens].long().clamp_(min=0)
     blocks = slots // block_size
     offsets = slots % block_size
-    kv_cache[blocks, :, offsets, :head_size] = key.to(kv_cache.dtype)
-    kv_cache[blocks, :, offsets, head_size:] = value.to(kv_cache.dtype)
+    kv = torch.cat([key, value], dim=-1).to(kv_cache.dtype)  # [T, Hkv, 2D]
+    if kv_cache.is_contiguous():
+        heads = torch.arange(num_kv_heads, device=slots.device)
+        rows = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]).flatten()
+        kv_cache.view(-1, width).index_copy_(0, rows, kv.reshape(-1, width))
+    else:
+        kv_cache[blocks, :, offsets] = kv
 
 
 def sink_window_attention(
@@ -181,7 +188,8 @@ def sink_window_attention(
     k = kv[..., :head_size]  # [nt, Hkv, K, D]
     v = kv[..., head_size:]
     # Fold the query heads sharing a KV head into the rows of one attention.
-    q = query[plan.q_index]  # [nt, Q, H, D]
+    T = nt * Q
+    q = query[:T].view(nt, Q, num_heads, head_size) if plan.dense else query[plan.q_index]
     q = q.view(nt, Q, num_kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
     q = q.reshape(nt, num_kv_heads, group * Q, head_size).to(kv.dtype)
     # PyTorch's fused attention (flash kernel on CPU): scale, mask, softmax
@@ -189,5 +197,8 @@ def sink_window_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale)
     out = out.view(nt, num_kv_heads, group, Q, head_size).permute(0, 3, 1, 2, 4)
     out = out.reshape(nt, Q, num_heads, head_size)
-    output[plan.q_index[plan.q_valid]] = out[plan.q_valid].to(output.dtype)
+    if plan.dense:
+        output[:T] = out.reshape(T, num_heads, head_size)
+    else:
+        output[plan.q_index[plan.q_valid]] = out[plan.q_valid].to(output.dtype)
     return output
