@@ -111,42 +111,66 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def measure_capacity(llm) -> dict:
     cache = core_of(llm).vllm_config.cache_config
+    kv_config = core_of(llm).scheduler.kv_cache_manager.kv_cache_config
     return {
         "kv_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
-        "num_blocks": core_of(llm).scheduler.kv_cache_manager.kv_cache_config.num_blocks,
+        "num_blocks": kv_config.num_blocks,
+        # A block id belongs to one group at a time and holds a page of each
+        # of that group's layers (vLLM sizes hybrid groups equally).
+        "bytes_per_block": max(
+            g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in kv_config.kv_cache_groups
+        ),
     }
 
 
-def measure_decode(llm, prompts, decode_steps: int) -> dict:
+def measure_interleaved(llms: dict, prompts, decode_steps: int) -> dict[str, dict]:
+    """Prefill then decode the same batch on every engine, one step each in turn.
+
+    Each engine's steps are timed on their own; taking turns step by step
+    spreads the noise of a shared machine evenly over the variants.
+    """
     from vllm import SamplingParams
 
-    engine_ = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine_.add_request(f"r{i}", {"prompt_token_ids": p}, params)
-    scheduler = core_of(llm).scheduler
-    t0 = time.perf_counter()
-    # Prefill: step until every request has produced its first token.
-    while any(r.num_output_tokens < 1 for r in scheduler.requests.values()) or scheduler.waiting:
-        engine_.step()
-    t_prefill = time.perf_counter() - t0
-    running = len(scheduler.running)
-    t1 = time.perf_counter()
-    steps = 0
-    while engine_.has_unfinished_requests():
-        engine_.step()
-        steps += 1
-    t_decode = time.perf_counter() - t1
-    tokens = decode_steps * len(prompts)
-    return {
-        "prefill_s": t_prefill,
-        "prefill_tok_s": sum(map(len, prompts)) / t_prefill,
-        "decode_s": t_decode,
-        "decode_tok_s": tokens / t_decode,
-        "decode_steps": steps,
-        "batch_running": running,
-    }
+    state = {}
+    for name, llm in llms.items():
+        for i, p in enumerate(prompts):
+            llm.llm_engine.add_request(f"{name}-{i}", {"prompt_token_ids": p}, params)
+        state[name] = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "phase": "prefill"}
+
+    def prefilling(llm) -> bool:
+        scheduler = core_of(llm).scheduler
+        return bool(scheduler.waiting) or any(r.num_output_tokens < 1 for r in scheduler.requests.values())
+
+    active = set(llms)
+    while active:
+        for name in list(active):
+            llm, st = llms[name], state[name]
+            if not llm.llm_engine.has_unfinished_requests():
+                active.discard(name)
+                continue
+            phase = "prefill" if prefilling(llm) else "decode"
+            if phase == "decode" and st["phase"] == "prefill":
+                st["phase"] = "decode"
+                st["batch_running"] = len(core_of(llm).scheduler.running)
+            t = time.perf_counter()
+            llm.llm_engine.step()
+            dt = time.perf_counter() - t
+            st[f"{phase}_s"] += dt
+            if phase == "decode":
+                st["decode_steps"] += 1
+    out = {}
+    for name, st in state.items():
+        out[name] = {
+            "prefill_s": st["prefill_s"],
+            "prefill_tok_s": sum(map(len, prompts)) / st["prefill_s"],
+            "decode_s": st["decode_s"],
+            "decode_tok_s": decode_steps * len(prompts) / st["decode_s"],
+            "decode_steps": st["decode_steps"],
+            "batch_running": st.get("batch_running"),
+        }
+    return out
 
 
 def measure_runtime_concurrency(llm, prompts, max_tokens: int) -> dict:
@@ -210,22 +234,30 @@ def main(argv=None) -> int:
     print(f"model {src} ({n_layers} layers), lazy layers {lazy}", flush=True)
 
     prompts = prompts_for(args.batch, args.prompt_tokens, vocab, seed=0)
-    results: dict[str, dict] = {}
-    for name in args.variants.split(","):
-        row: dict = {}
-        print(f"[{name}] capacity + decode ...", flush=True)
-        with engine(folders[name], args) as llm:
-            row.update(measure_capacity(llm))
-            if not args.skip_decode:
-                row.update(measure_decode(llm, prompts, args.decode_steps))
-        if args.concurrency_blocks:
-            # Same KV bytes for every variant: blocks of a full-attention
-            # layer page; the converted model's pages hold half the layers.
-            conc_prompts = prompts_for(args.concurrency_requests, args.prompt_tokens, vocab, seed=1)
-            with engine(folders[name], args, num_gpu_blocks_override=args.concurrency_blocks
-                        * (2 if name != "full" else 1)) as llm:
-                row.update(measure_runtime_concurrency(llm, conc_prompts, max_tokens=8))
-        results[name] = row
+    names = args.variants.split(",")
+    results: dict[str, dict] = {name: {} for name in names}
+    with contextlib.ExitStack() as stack:
+        llms = {}
+        for name in names:
+            print(f"[{name}] starting engine", flush=True)
+            llms[name] = stack.enter_context(engine(folders[name], args))
+            results[name].update(measure_capacity(llms[name]))
+        if not args.skip_decode:
+            print(f"prefill + decode, {args.batch} x {args.prompt_tokens} tokens, interleaved ...", flush=True)
+            for name, row in measure_interleaved(llms, prompts, args.decode_steps).items():
+                results[name].update(row)
+    if args.concurrency_blocks:
+        # Same KV bytes for every variant: --concurrency-blocks blocks of the
+        # unconverted model; a converted model's block (page) holds fewer
+        # layers, so the same bytes make more of them.
+        conc_prompts = prompts_for(args.concurrency_requests, args.prompt_tokens, vocab, seed=1)
+        kv_bytes = args.concurrency_blocks * results["full"]["bytes_per_block"]
+        for name in names:
+            blocks = kv_bytes // results[name]["bytes_per_block"]
+            with engine(folders[name], args, num_gpu_blocks_override=int(blocks),
+                        max_model_len=args.prompt_tokens + 64) as llm:
+                results[name].update(measure_runtime_concurrency(llm, conc_prompts, max_tokens=8))
+    for name, row in results.items():
         print(f"[{name}] {row}", flush=True)
 
     base = results.get("full", {})

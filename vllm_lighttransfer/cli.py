@@ -48,7 +48,9 @@ DEFAULT_N_LAST = 32
 DEFAULT_LAZY_RATIO = 0.5
 DEFAULT_CAL_LENGTH = 4096
 DEFAULT_CAL_COUNT = 6
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# vllm_lighttransfer/presets links to the top-level configs/ in a checkout;
+# a wheel carries the JSON files there as package data.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 # ---------------------------------------------------------------- presets
