@@ -241,3 +241,18 @@ def _chain(exc):
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def test_reported_capacity_matches_analytic_limit(tiny_llama, convert):
+    """vLLM's startup figure ("Maximum concurrency") counts steady-state lazy blocks."""
+    from vllm_lighttransfer.config import kv_bytes_ratio
+
+    kwargs = dict(max_model_len=2048, max_num_batched_tokens=2048)
+    with make_llm(tiny_llama, **kwargs) as llm:
+        full = engine_core(llm).vllm_config.cache_config.kv_cache_max_concurrency
+    converted = convert([1, 2], 4, 124)
+    with make_llm(converted, **kwargs) as llm:
+        ours = engine_core(llm).vllm_config.cache_config.kv_cache_max_concurrency
+    analytic = 1 / kv_bytes_ratio(lt_config(converted), 2048, block_size=BLOCK)
+    assert analytic == pytest.approx(2 * 64 / (64 + 1 + 4 + 1))
+    assert ours / full == pytest.approx(analytic, rel=0.05)
