@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import random
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_lighttransfer.config import LightTransferConfig, kv_bytes_ratio  # noqa: E402
 from vllm_lighttransfer.convert.writer import convert_with_layers  # noqa: E402
+from vllm_lighttransfer.offline import engine_core, offline_engine  # noqa: E402
 
 
 def prepare_model(name: str, workdir: Path) -> Path:
@@ -75,10 +75,7 @@ def stock_sliding_window(src: Path, out: Path, layers: list[int], window: int) -
     return out
 
 
-@contextlib.contextmanager
 def engine(model: Path, args, **overrides):
-    from vllm import LLM
-
     kwargs = dict(
         enforce_eager=True,
         dtype=args.dtype,
@@ -90,18 +87,7 @@ def engine(model: Path, args, **overrides):
         seed=0,
     )
     kwargs.update(overrides)
-    llm = LLM(str(model), **kwargs)
-    try:
-        yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-
-
-def core_of(llm):
-    return llm.llm_engine.engine_core.engine_core
+    return offline_engine(model, **kwargs)
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -110,8 +96,8 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def measure_capacity(llm) -> dict:
-    cache = core_of(llm).vllm_config.cache_config
-    kv_config = core_of(llm).scheduler.kv_cache_manager.kv_cache_config
+    cache = engine_core(llm).vllm_config.cache_config
+    kv_config = engine_core(llm).scheduler.kv_cache_manager.kv_cache_config
     return {
         "kv_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
@@ -140,7 +126,7 @@ def measure_interleaved(llms: dict, prompts, decode_steps: int) -> dict[str, dic
         state[name] = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "phase": "prefill"}
 
     def prefilling(llm) -> bool:
-        scheduler = core_of(llm).scheduler
+        scheduler = engine_core(llm).scheduler
         return bool(scheduler.waiting) or any(r.num_output_tokens < 1 for r in scheduler.requests.values())
 
     active = set(llms)
@@ -153,7 +139,7 @@ def measure_interleaved(llms: dict, prompts, decode_steps: int) -> dict[str, dic
             phase = "prefill" if prefilling(llm) else "decode"
             if phase == "decode" and st["phase"] == "prefill":
                 st["phase"] = "decode"
-                st["batch_running"] = len(core_of(llm).scheduler.running)
+                st["batch_running"] = len(engine_core(llm).scheduler.running)
             t = time.perf_counter()
             llm.llm_engine.step()
             dt = time.perf_counter() - t
@@ -181,7 +167,7 @@ def measure_runtime_concurrency(llm, prompts, max_tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine_.add_request(f"c{i}", {"prompt_token_ids": p}, params)
-    scheduler = core_of(llm).scheduler
+    scheduler = engine_core(llm).scheduler
     most = 0
     while engine_.has_unfinished_requests():
         engine_.step()

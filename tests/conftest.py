@@ -7,8 +7,6 @@ core in this process (fast start, direct access to the scheduler).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
 import random
@@ -22,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from vllm_lighttransfer.config import LightTransferConfig  # noqa: E402
 from vllm_lighttransfer.convert.writer import convert_with_layers  # noqa: E402
+from vllm_lighttransfer.offline import engine_core, offline_engine  # noqa: E402,F401
 from vllm_lighttransfer.tiny_model import build_tiny_llama  # noqa: E402
 
 BLOCK = 32  # the CPU attention backend needs block sizes that are multiples of 32
@@ -59,11 +58,8 @@ def random_prompts(lengths, seed: int = 0, vocab: tuple[int, int] = (4, 500)) ->
     return [[rng.randint(*vocab) for _ in range(n)] for n in lengths]
 
 
-@contextlib.contextmanager
 def make_llm(model: Path, **overrides):
     """An in-process vLLM engine on CPU, float32, freed on exit."""
-    from vllm import LLM
-
     kwargs = dict(
         enforce_eager=True,
         dtype="float32",
@@ -74,14 +70,7 @@ def make_llm(model: Path, **overrides):
         seed=0,
     )
     kwargs.update(overrides)
-    llm = LLM(str(model), **kwargs)
-    try:
-        yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    return offline_engine(model, **kwargs)
 
 
 def greedy(llm, prompts, max_tokens: int = 16) -> list[list[int]]:
@@ -93,6 +82,3 @@ def greedy(llm, prompts, max_tokens: int = 16) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def engine_core(llm):
-    """The in-process EngineCore (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    return llm.llm_engine.engine_core.engine_core
