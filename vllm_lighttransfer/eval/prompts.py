@@ -264,8 +264,13 @@ def build_probes(
     samples: int | dict[int, int] = 1,
     seed: int = 0,
     essays: Sequence[int] | None = None,
+    haystack_offset: int = HAYSTACK_OFFSET,
 ) -> list[Probe]:
-    """Every probe of ``tasks`` x ``grid`` (length -> depths) x samples."""
+    """Every probe of ``tasks`` x ``grid`` (length -> depths) x samples.
+
+    ``haystack_offset``: where in the essays the needle haystack starts
+    (``0`` gives calibration-side probes that share no text with test probes).
+    """
     builder = PromptBuilder(tokenizer)
     longest = max(grid)
     streams: dict[str, FillerStream] = {}
@@ -273,7 +278,7 @@ def build_probes(
         streams["passkey"] = FillerStream.repeated(tokenizer, PASSKEY_FILLER, longest)
     if "needle" in tasks:
         ids = essays if essays is not None else essay_ids(tokenizer)
-        streams["needle"] = FillerStream(tokenizer, held_out(ids, HAYSTACK_OFFSET, longest))
+        streams["needle"] = FillerStream(tokenizer, held_out(ids, haystack_offset, longest))
     make = {"passkey": passkey_probe, "needle": needle_probe}
     probes = []
     for task in tasks:
