@@ -256,3 +256,23 @@ def test_reported_capacity_matches_analytic_limit(tiny_llama, convert):
     analytic = 1 / kv_bytes_ratio(lt_config(converted), 2048, block_size=BLOCK)
     assert analytic == pytest.approx(2 * 64 / (64 + 1 + 4 + 1))
     assert ours / full == pytest.approx(analytic, rel=0.05)
+
+
+@pytest.mark.slow
+def test_real_model_matches_reference(tmp_path_factory):
+    """SmolLM2-135M (the embedded default), 1024 essay tokens, window 128, 256-token chunks."""
+    from transformers import AutoTokenizer
+
+    from vllm_lighttransfer.convert.calibration import default_calibration_dir
+    from vllm_lighttransfer.convert.sources import resolve_source, smollm2_gguf
+    from vllm_lighttransfer.convert.writer import convert_with_layers
+
+    work = tmp_path_factory.mktemp("smollm2")
+    src = resolve_source(smollm2_gguf(), work)
+    lazy = [12, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 25, 26, 27, 28]
+    out = convert_with_layers(src, work / "converted", lazy, 4, 128)
+    essay = sorted(default_calibration_dir().glob("*.txt"))[0].read_text()
+    prompt = AutoTokenizer.from_pretrained(src)(essay)["input_ids"][:1024]
+    with make_llm(out, max_model_len=2048, max_num_batched_tokens=256) as llm:
+        got = greedy(llm, [prompt], 8)
+    assert got == reference_greedy(src, out, [prompt], 8)
