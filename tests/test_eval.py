@@ -1,0 +1,287 @@
+"""The quality evaluation itself: prompt construction, answer scoring, one tiny run.
+
+The long run (bench/eval_quality.py on SmolLM2) is not a test; these check
+that its probes are what they claim (exact length, needle at the asked
+depth, the answer recoverable), that scoring is strict, and that the runner
+and report work end to end on the tiny random model through vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vllm_lighttransfer.eval import prompts as P
+from vllm_lighttransfer.eval.runner import Variant, VariantResult, plan_variants
+from vllm_lighttransfer.eval.scoring import (
+    accuracy_table,
+    first_number,
+    is_correct,
+    perplexity,
+    perplexity_rows,
+    token_nlls,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_llama))
+
+
+class SentenceTokenizer:
+    """Whitespace words -> ids, just enough of a tokenizer for prompts.py."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.words: dict[int, str] = {}
+        self.chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = []
+        for w in text.split():
+            if w not in self.vocab:
+                self.vocab[w] = len(self.vocab)
+                self.words[self.vocab[w]] = w
+            ids.append(self.vocab[w])
+        return {"input_ids": ids}
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("length", [300, 517, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_probe_exact_length_and_depth(tiny_tokenizer, length, depth):
+    builder = P.PromptBuilder(tiny_tokenizer)
+    filler = P.FillerStream.repeated(tiny_tokenizer, "w1 w2 w3 w4 w5 w6 w7", length)
+    probe = builder.build(
+        "passkey", length, depth, 0, filler, intro="w10 w11", needle="w20 w21 w22",
+        question="w30 w31", answer_prefix="w40", answer="12345",
+    )
+    assert len(probe.token_ids) == probe.length == length
+    # No sentence boundaries in this filler: the cut is exact.
+    assert probe.needle_start - probe.filler_start == round(depth * probe.filler_tokens)
+    assert abs(probe.actual_depth - depth) <= 0.5 / probe.filler_tokens + 1e-9
+    needle = tuple(tiny_tokenizer("w20 w21 w22", add_special_tokens=False)["input_ids"])
+    assert probe.token_ids[probe.needle_start : probe.needle_start + len(needle)] == needle
+    # Chat template around the user message, question and answer prefix at the end.
+    assert list(probe.token_ids[: len(builder.head)]) == builder.head
+    tail = tiny_tokenizer("w30 w31", add_special_tokens=False)["input_ids"] + builder.tail
+    tail += tiny_tokenizer("w40", add_special_tokens=False)["input_ids"]
+    assert list(probe.token_ids[-len(tail) :]) == tail
+    # Every filler token is there exactly once, around the needle.
+    assert filler_of(probe) == filler.ids[: probe.filler_tokens]
+
+
+def test_needle_snaps_to_sentence_boundary():
+    tok = SentenceTokenizer()
+    builder = P.PromptBuilder(tok, snap_tokens=4)
+    # Sentences of 5 words: boundaries every 5 tokens.
+    filler = P.FillerStream.repeated(tok, "a b c d e. " * 3, 400)
+    assert filler.boundaries[:4] == [0, 5, 10, 15]
+    probe = builder.build("needle", 200, 0.5, 0, filler, "intro", "the key is 42.", "q?", "ans", "42")
+    assert len(probe.token_ids) == 200
+    assert (probe.needle_start - probe.filler_start) % 5 == 0  # starts a sentence
+    assert abs(probe.actual_depth - 0.5) <= 4 / probe.filler_tokens
+
+
+def test_builder_rejects_impossible_requests(tiny_tokenizer):
+    builder = P.PromptBuilder(tiny_tokenizer)
+    filler = P.FillerStream.repeated(tiny_tokenizer, "w1 w2", 50)
+    with pytest.raises(ValueError, match="too short"):
+        builder.build("passkey", 5, 0.5, 0, filler, "w1 " * 10, "w2", "w3", "w4", "1")
+    with pytest.raises(ValueError, match="filler tokens"):
+        builder.build("passkey", 500, 0.5, 0, filler, "w1", "w2", "w3", "w4", "1")
+    with pytest.raises(ValueError, match="depth"):
+        builder.build("passkey", 40, 1.5, 0, filler, "w1", "w2", "w3", "w4", "1")
+
+
+def test_build_probes_grid_and_keys(tiny_tokenizer):
+    essays = list(range(10, 400)) * 300  # token ids of the tiny vocabulary
+    probes = P.build_probes(
+        tiny_tokenizer, ["passkey", "needle"], {256: [0.1, 0.9], 512: [0.5]},
+        samples={256: 2, 512: 1}, seed=3, essays=essays,
+    )
+    assert len(probes) == 2 * (2 * 2 + 1)
+    assert {(p.task, p.length, p.depth, p.sample) for p in probes} == {
+        (t, 256, d, s) for t in ("passkey", "needle") for d in (0.1, 0.9) for s in (0, 1)
+    } | {(t, 512, 0.5, 0) for t in ("passkey", "needle")}
+    for p in probes:
+        assert len(p.token_ids) == p.length
+        assert len(p.answer) == 5 and p.answer.isdigit()
+    # Deterministic keys, different across samples.
+    again = P.build_probes(tiny_tokenizer, ["passkey"], {256: [0.1]}, samples=2, seed=3, essays=essays)
+    assert [p.answer for p in again] == [p.answer for p in probes if p.task == "passkey"][:2]
+    assert again[0].answer != again[1].answer
+    # Needle haystacks come from held-out text, past the calibration prompts.
+    for p in (p for p in probes if p.task == "needle"):
+        assert filler_of(p) == P.held_out(essays, P.HAYSTACK_OFFSET, p.filler_tokens)
+
+
+def filler_of(probe: P.Probe) -> list[int]:
+    """The probe's filler tokens, needle removed."""
+    before = list(probe.token_ids[probe.filler_start : probe.needle_start])
+    after_start = probe.needle_start + probe.needle_tokens
+    return before + list(probe.token_ids[after_start : after_start + probe.filler_tokens - len(before)])
+
+
+def test_perplexity_prompts_are_held_out():
+    essays = list(range(200_000))
+    chunks = P.perplexity_prompts(None, 100, 3, essays)
+    assert [len(c) for c in chunks] == [100, 100, 100]
+    assert chunks[0][0] == P.PERPLEXITY_OFFSET and chunks[2][-1] == P.PERPLEXITY_OFFSET + 299
+    assert P.PERPLEXITY_OFFSET >= P.HAYSTACK_OFFSET + 8192  # no overlap with haystacks
+    short = list(range(1000))
+    assert P.perplexity_prompts(None, 100, 2, short)[-1][-1] == 999  # as late as possible
+
+
+@pytest.mark.skipif(
+    not (ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1-hf" / "tokenizer.json").exists(),
+    reason="SmolLM2 not dequantized locally (bench/eval_quality.py does it)",
+)
+def test_real_probes_smollm2():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1-hf"))
+    probes = P.build_probes(tok, ["passkey", "needle"], {2048: [0.1, 0.5, 0.9]}, samples=1)
+    for p in probes:
+        assert len(p.token_ids) == 2048
+        assert abs(p.actual_depth - p.depth) <= 24 / p.filler_tokens
+        needle = tok.decode(p.token_ids[p.needle_start : p.needle_start + p.needle_tokens])
+        assert p.answer in needle
+        text = tok.decode(p.token_ids)
+        assert text.startswith("<|im_start|>system")
+        assert text.endswith("assistant\n" + ("The pass key is" if p.task == "passkey" else
+                                              text.rsplit("\n", 1)[-1]))
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        (" 71432.", True),
+        ("71432", True),
+        (" 71,432. Remember it.", True),
+        (" 71432 is the pass key.", True),
+        (" 714321.", False),  # a longer number is wrong
+        (" 7143.", False),
+        (" 1. 71432", False),  # the first number counts
+        (" the key to success", False),
+        ("", False),
+    ],
+)
+def test_is_correct(text, ok):
+    assert is_correct(text, "71432") is ok
+
+
+def test_first_number():
+    assert first_number("abc 12,345,678 x") == "12345678"
+    assert first_number("no digits") is None
+
+
+class _Logprob:
+    def __init__(self, v):
+        self.logprob = v
+
+
+def test_token_nlls_and_perplexity():
+    ids = [5, 6, 7]
+    plp = [None, {6: _Logprob(-1.0), 9: _Logprob(-0.5)}, {7: -2.0}]
+    assert token_nlls(plp, ids) == [1.0, 2.0]
+    assert perplexity([1.0, 2.0]) == pytest.approx(math.exp(1.5))
+    with pytest.raises(ValueError):
+        token_nlls(plp, ids[:2])
+    rows = perplexity_rows({"full": [[1.0, 1.0, 1.0]], "x": [[1.0, 1.0, 2.0]]}, "full", far_from=3)
+    by = {r["variant"]: r for r in rows}
+    assert by["full"]["ppl_ratio"] == 1.0
+    assert by["x"]["ppl_ratio"] == pytest.approx(math.exp(4 / 3 - 1))
+    # far_from=3: tokens at positions >= 3, i.e. the NLLs from index 2 on.
+    assert by["x"]["ppl_far_ratio"] == pytest.approx(math.exp(1.0))
+    assert by["x"]["far_tokens"] == 1
+    assert by["x"]["ppl_near_ratio"] == 1.0
+
+
+def test_accuracy_table():
+    recs = [
+        {"variant": "a", "task": "passkey", "length": 2048, "depth": 0.1, "correct": True},
+        {"variant": "a", "task": "passkey", "length": 2048, "depth": 0.5, "correct": False},
+        {"variant": "a", "task": "needle", "length": 4096, "depth": 0.5, "correct": True},
+    ]
+    t = accuracy_table(recs)["a"]
+    assert t["overall"] == (2, 3)
+    assert t["cells"][("passkey", 2048)] == (1, 2)
+    assert t["tasks"]["needle"] == (1, 1)
+    assert t["grid"][("passkey", 2048, 0.5)] == (0, 1)
+
+
+def test_plan_variants():
+    # 8 layers, layer i scores i/10 on both prompts: laziest are the highest.
+    per_prompt = [[i / 10 for i in range(8)]] * 2
+    vs = {v.name: v for v in plan_variants(per_prompt, [0.25, 0.5], [0.5], seed=1)}
+    assert list(vs) == ["full", "score-25", "score-50", "random-50", "least-50", "stream-all"]
+    assert vs["full"].lazy_layers is None
+    assert vs["score-25"].lazy_layers == (6, 7)
+    assert vs["score-50"].lazy_layers == (4, 5, 6, 7)
+    assert vs["least-50"].lazy_layers == (0, 1, 2, 3)
+    assert len(vs["random-50"].lazy_layers) == 4
+    assert vs["stream-all"].lazy_layers == tuple(range(8))
+    again = {v.name: v for v in plan_variants(per_prompt, [0.25, 0.5], [0.5], seed=1)}
+    assert again["random-50"] == vs["random-50"]
+    # Task-calibrated scores: layer 7 is the least lazy on retrieval prompts.
+    task = [[0.9, 0.9, 0.9, 0.9, 0.95, 0.95, 0.95, 0.1]]
+    vs = plan_variants(per_prompt, [0.5], [], task_per_prompt=task, task_fractions=[0.5],
+                       stream_all=False)
+    assert [v.name for v in vs] == ["full", "score-50", "task-50"]
+    assert vs[-1].lazy_layers == (0, 4, 5, 6)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.engine
+def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
+    from vllm_lighttransfer.eval.report import write_outputs
+    from vllm_lighttransfer.eval.runner import engine, materialize, run_variant
+
+    probes = P.build_probes(
+        tiny_tokenizer, ["passkey", "needle"], {96: [0.2, 0.8], 160: [0.5]}, samples=1,
+        essays=list(range(10, 400)) * 300,
+    )
+    chunk = list(range(10, 110))
+    results = []
+    for v in (Variant("full", "unconverted", 0.0, None), Variant("score-50", "score", 0.5, (1, 3))):
+        folder = materialize(v, tiny_llama, tmp_path / "models", sink=4, window=32)
+        with engine(folder, dtype="float32", max_model_len=512, max_num_batched_tokens=512) as llm:
+            res = run_variant(llm, v, probes, [chunk], max_tokens=4, use_tqdm=False)
+        assert len(res.records) == len(probes)
+        assert {r["correct"] for r in res.records} <= {True, False}
+        assert all(isinstance(r["output"], str) for r in res.records)
+        assert len(res.nlls) == 1 and len(res.nlls[0]) == len(chunk) - 1
+        assert all(x >= 0 for x in res.nlls[0])
+        res = VariantResult.from_dict(json.loads(json.dumps(res.to_dict())))
+        results.append(res)
+    # Lazy layers change nothing before sink + window: same NLLs up to there.
+    a, b = results[0].nlls[0], results[1].nlls[0]
+    assert a[:30] == pytest.approx(b[:30], abs=1e-3)
+    settings = {"model": str(tiny_llama), "tasks": ["passkey", "needle"], "lengths": [96, 160],
+                "depths": [0.2, 0.5, 0.8], "samples": {"96": 1, "160": 1}, "sink_tokens": 4,
+                "window_tokens": 32, "ppl_length": 100, "ppl_chunks": 1,
+                "longest_variants": ["full", "score-50"]}
+    md = write_outputs(tmp_path, results, settings, {"from": "test"}, {"total": 1.0}, "cmd")
+    assert "| score-50 | 2 |" in md
+    for name in ("summary.md", "summary.json", "records.jsonl", "heatmap_full.png",
+                 "heatmap_score-50.png", "heatmaps_all.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2 * len(probes)

@@ -1,0 +1,321 @@
+"""Run the quality probes through vLLM with the plugin, one engine per variant.
+
+What it does
+    ``plan_variants`` turns the converter's layer ranking into the variants
+    the evaluation compares: the unconverted model, LightTransfer at several
+    lazy fractions chosen by score, the same fractions chosen at random and
+    as the *least* lazy layers (ablations), and streaming attention on every
+    layer. ``materialize`` writes each as a converted folder
+    (``convert_with_layers``: config only, weights symlinked).
+    ``run_variant`` serves one folder with ``vllm.LLM`` (the real serving
+    path: our plugin's model class, KV manager and attention backend) and
+    runs every probe and perplexity chunk of that variant in one
+    ``llm.generate`` call.
+
+Runtime on CPU
+    Prefill dominates. Probes of one task and length share their filler, so
+    with prefix caching each probe after the first recomputes only from its
+    needle onwards; prompt-logprob requests never read the prefix cache
+    (vLLM recomputes them to return every position's logprob) but cost one
+    prefill each. Engines are built one at a time and freed before the next.
+
+Layer scores
+    ``layer_scores`` runs the converter's own scoring (``convert.scoring``,
+    ``convert.calibration``, same defaults as ``lighttransfer convert``) once
+    and caches the per-prompt scores as JSON, or reads them from a
+    ``lighttransfer_report.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from vllm_lighttransfer.eval.prompts import Probe
+from vllm_lighttransfer.eval.scoring import is_correct, token_nlls
+
+logger = logging.getLogger(__name__)
+
+ENGINE_DEFAULTS: dict[str, Any] = dict(
+    enforce_eager=True,
+    dtype="bfloat16",
+    max_model_len=8192,
+    block_size=32,  # the CPU attention backend needs multiples of 32
+    enable_prefix_caching=True,
+    max_num_batched_tokens=4096,
+    seed=0,
+)
+
+UNCONVERTED = "full"
+STREAM_ALL = "stream-all"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "full", "score-50", "random-50", "least-50", "stream-all"
+    selection: str  # "unconverted" | "score" | "random" | "least" | "task" | "all"
+    fraction: float
+    lazy_layers: tuple[int, ...] | None  # None: the unconverted model
+
+
+# ---------------------------------------------------------------- layer scores
+
+
+def layer_scores(
+    src: Path,
+    cache: Path | None = None,
+    report: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-prompt laziness scores of ``src`` (``{"per_prompt": [[...]], ...}``).
+
+    Reads ``report`` (a converter report) if given, else ``cache`` if it was
+    written for the same source and settings, else scores with the
+    converter's defaults and writes ``cache``.
+    """
+    from vllm_lighttransfer import cli
+
+    settings = {
+        "source": str(Path(src).resolve()),
+        "sink_tokens": cli.DEFAULT_SINK,
+        "window_tokens": cli.DEFAULT_WINDOW,
+        "n_last": cli.DEFAULT_N_LAST,
+        "calibration_length": cli.DEFAULT_CAL_LENGTH,
+        "calibration_count": cli.DEFAULT_CAL_COUNT,
+    }
+    if report is not None:
+        data = json.loads(Path(report).read_text())
+        return {"per_prompt": data["scores"]["per_prompt"], "mean": data["scores"].get("mean"),
+                "settings": data.get("settings", {}), "from": str(report)}
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("settings") == settings:
+            data["from"] = str(cache)
+            return data
+    from transformers import AutoTokenizer
+
+    from vllm_lighttransfer.convert import calibration
+    from vllm_lighttransfer.convert.scoring import load_model, score_layers
+
+    texts, _ = calibration.load_texts(None)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    prompts = calibration.calibration_prompts(
+        tokenizer, texts, settings["calibration_length"], settings["calibration_count"]
+    )
+    model = load_model(str(src))
+    scores = score_layers(
+        model, prompts, settings["sink_tokens"], settings["window_tokens"], settings["n_last"],
+        progress=progress,
+    )
+    del model
+    gc.collect()
+    data = {"settings": settings, "per_prompt": scores.per_prompt.tolist(),
+            "mean": scores.mean, "seconds": scores.seconds}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data, indent=1) + "\n")
+    data["from"] = "scored now"
+    return data
+
+
+TASK_CALIBRATION = dict(tasks=("passkey", "needle"), length=4096, depths=(0.25, 0.5), seed=1000)
+
+
+def task_layer_scores(
+    src: Path, tokenizer: Any, cache: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Laziness scores measured on retrieval prompts instead of plain essays.
+
+    Same score as the converter (sink 4, window 1020) but with ``n_last=1``
+    on passkey and needle prompts whose last token is the answer's first
+    position: the query that must reach back to the needle. The haystacks
+    are cut from the converter's calibration text (essay offset 0) with
+    other keys, so they share no text with the test probes. A diagnostic
+    and a variant (``task-F``), not the converter's default.
+    """
+    from vllm_lighttransfer import cli
+    from vllm_lighttransfer.eval.prompts import build_probes
+
+    cal = TASK_CALIBRATION
+    settings = {"source": str(Path(src).resolve()), "sink_tokens": cli.DEFAULT_SINK,
+                "window_tokens": cli.DEFAULT_WINDOW, "n_last": 1,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in cal.items()}}
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("settings") == settings:
+            return data
+    from vllm_lighttransfer.convert.scoring import load_model, score_layers
+
+    probes = build_probes(tokenizer, cal["tasks"], {cal["length"]: cal["depths"]},
+                          samples=1, seed=cal["seed"], haystack_offset=0)
+    model = load_model(str(src))
+    scores = score_layers(model, [list(p.token_ids) for p in probes], cli.DEFAULT_SINK,
+                          cli.DEFAULT_WINDOW, 1, progress=progress)
+    del model
+    gc.collect()
+    data = {"settings": settings, "per_prompt": scores.per_prompt.tolist(), "mean": scores.mean,
+            "min_head": scores.per_head.min(dim=-1).values.min(dim=0).values.tolist(),
+            "seconds": scores.seconds}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+# ---------------------------------------------------------------- variants
+
+
+def plan_variants(
+    per_prompt: Sequence[Sequence[float]],
+    fractions: Sequence[float],
+    ablation_fractions: Sequence[float],
+    seed: int = 0,
+    stream_all: bool = True,
+    task_per_prompt: Sequence[Sequence[float]] | None = None,
+    task_fractions: Sequence[float] = (),
+) -> list[Variant]:
+    """The variants to compare (see module doc), the unconverted model first.
+
+    By score: the layers ``lighttransfer convert --lazy-ratio f`` picks.
+    Least lazy: the ``k`` layers at the bottom of the same ranking. Random:
+    ``k`` layers drawn with a seed derived from ``seed`` and ``f``.
+    """
+    from vllm_lighttransfer.convert.select import num_lazy, select_by_ratio
+
+    num_layers = len(per_prompt[0])
+    variants = [Variant(UNCONVERTED, "unconverted", 0.0, None)]
+    for f in fractions:
+        sel = select_by_ratio(per_prompt, f)
+        variants.append(Variant(f"score-{round(100 * f)}", "score", f, sel.lazy_layers))
+    for f in ablation_fractions:
+        k = num_lazy(num_layers, f)
+        sel = select_by_ratio(per_prompt, f)
+        rng = random.Random(f"{seed}:random:{f}")
+        variants.append(
+            Variant(f"random-{round(100 * f)}", "random", f,
+                    tuple(sorted(rng.sample(range(num_layers), k))))
+        )
+        variants.append(
+            Variant(f"least-{round(100 * f)}", "least", f, tuple(sorted(sel.ranking[-k:])))
+        )
+    for f in task_fractions if task_per_prompt is not None else ():
+        sel = select_by_ratio(task_per_prompt, f)
+        variants.append(Variant(f"task-{round(100 * f)}", "task", f, sel.lazy_layers))
+    if stream_all:
+        variants.append(Variant(STREAM_ALL, "all", 1.0, tuple(range(num_layers))))
+    return variants
+
+
+def materialize(variant: Variant, src: Path, workdir: Path, sink: int, window: int) -> Path:
+    """The folder vLLM serves for ``variant`` (``src`` itself when unconverted)."""
+    from vllm_lighttransfer.convert.writer import convert_with_layers
+
+    if variant.lazy_layers is None:
+        return Path(src)
+    return convert_with_layers(
+        src, workdir / variant.name, list(variant.lazy_layers), sink, window, force=True,
+        provenance={"evaluation_variant": variant.name},
+    )
+
+
+# ---------------------------------------------------------------- engine
+
+
+@contextlib.contextmanager
+def engine(folder: Path, **overrides: Any) -> Iterator[Any]:
+    """An in-process ``vllm.LLM`` for ``folder``, shut down and freed on exit."""
+    from vllm import LLM
+
+    kwargs = dict(ENGINE_DEFAULTS)
+    kwargs.update(overrides)
+    llm = LLM(str(folder), **kwargs)
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    records: list[dict] = field(default_factory=list)
+    nlls: list[list[float]] = field(default_factory=list)  # per perplexity chunk
+    seconds: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "variant": asdict(self.variant),
+            "records": self.records,
+            "nlls": self.nlls,
+            "seconds": self.seconds,
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VariantResult":
+        v = dict(data["variant"])
+        if v["lazy_layers"] is not None:
+            v["lazy_layers"] = tuple(v["lazy_layers"])
+        return cls(Variant(**v), data["records"], data["nlls"], data["seconds"],
+                   data.get("prompt_tokens", 0))
+
+
+def probe_order(probes: Sequence[Probe]) -> list[Probe]:
+    """Deepest needle first within each task and length: a probe then finds
+    the filler before its needle already cached by the one before it."""
+    return sorted(probes, key=lambda p: (p.task, p.length, -p.depth, p.sample))
+
+
+def run_variant(
+    llm: Any,
+    variant: Variant,
+    probes: Sequence[Probe],
+    ppl_chunks: Sequence[Sequence[int]] = (),
+    max_tokens: int = 16,
+    use_tqdm: bool = True,
+) -> VariantResult:
+    """Greedy answers for ``probes`` and token NLLs for ``ppl_chunks``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    probes = probe_order(probes)
+    answer = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    prompts = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in probes]
+    prompts += [TokensPrompt(prompt_token_ids=list(c)) for c in ppl_chunks]
+    params = [answer] * len(probes) + [score] * len(ppl_chunks)
+    result = VariantResult(variant)
+    result.prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm) if prompts else []
+    result.seconds["generate"] = time.perf_counter() - t0
+    for probe, out in zip(probes, outputs[: len(probes)]):
+        text = out.outputs[0].text
+        result.records.append(
+            {
+                "variant": variant.name,
+                "task": probe.task,
+                "length": probe.length,
+                "depth": probe.depth,
+                "actual_depth": round(probe.actual_depth, 4),
+                "sample": probe.sample,
+                "answer": probe.answer,
+                "output": text,
+                "correct": is_correct(text, probe.answer),
+                "cached_tokens": getattr(out, "num_cached_tokens", None),
+            }
+        )
+    for chunk, out in zip(ppl_chunks, outputs[len(probes) :]):
+        result.nlls.append(token_nlls(out.prompt_logprobs, chunk))
+    return result
