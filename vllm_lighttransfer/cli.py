@@ -233,17 +233,6 @@ def _read_config(folder: Path, shown: str) -> dict[str, Any]:
     return config
 
 
-def _base_of(config: dict[str, Any], shown: str) -> str:
-    archs = config.get("architectures") or []
-    for arch in archs:
-        if arch in SUPPORTED_BASES:
-            return arch
-    raise LightTransferConfigError(
-        f"SRC={shown}: architecture {', '.join(archs) or '(none)'} is not supported; "
-        f"supported: {', '.join(sorted(SUPPORTED_BASES))}"
-    )
-
-
 def _score(args: argparse.Namespace, hf_dir: Path) -> tuple[list[int], dict, dict, dict]:
     """Calibrate, score and select; returns layers, settings, scores, selection."""
     from transformers import AutoTokenizer
@@ -312,7 +301,7 @@ def convert(args: argparse.Namespace) -> Path:
     )
     from vllm_lighttransfer.convert.select import parse_layers
     from vllm_lighttransfer.convert.sources import gguf_to_hf, is_hf_folder
-    from vllm_lighttransfer.convert.writer import converted_config, write_converted
+    from vllm_lighttransfer.convert.writer import base_architecture, converted_config, write_converted
 
     _check_flags(args)
     src, out = Path(args.src).expanduser(), Path(args.out).expanduser()
@@ -344,7 +333,7 @@ def convert(args: argparse.Namespace) -> Path:
             )
 
         config = _read_config(hf_dir, str(src))
-        base = _base_of(config, str(src))
+        base = base_architecture(config, str(src))
         num_layers = config.get("num_hidden_layers")
         if not isinstance(num_layers, int) or num_layers < 1:
             raise LightTransferConfigError(f"SRC={src}: config.json has no valid num_hidden_layers")

@@ -28,14 +28,19 @@ from vllm_lighttransfer.config import (
 _STOCK_WINDOW_KEYS = ("layer_types", "sliding_window", "use_sliding_window", "max_window_layers")
 
 
-def base_architecture(config: Mapping[str, Any]) -> str:
+def base_architecture(config: Mapping[str, Any], src: str | None = None) -> str:
+    """The supported stock architecture a config names (error lists the supported)."""
     archs = config.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED_BASES:
             return arch
+    what = (
+        f"SRC={src}: architecture {', '.join(archs) or '(none)'}"
+        if src is not None
+        else f"architectures={archs!r}"
+    )
     raise LightTransferConfigError(
-        f"architectures={archs!r} is not supported; supported: "
-        f"{', '.join(sorted(SUPPORTED_BASES))}"
+        f"{what} is not supported; supported: {', '.join(sorted(SUPPORTED_BASES))}"
     )
 
 

@@ -28,7 +28,6 @@ Layer scores
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -36,10 +35,11 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from vllm_lighttransfer.eval.prompts import Probe
 from vllm_lighttransfer.eval.scoring import is_correct, token_nlls
+from vllm_lighttransfer.offline import offline_engine
 
 logger = logging.getLogger(__name__)
 
@@ -228,21 +228,11 @@ def materialize(variant: Variant, src: Path, workdir: Path, sink: int, window: i
 # ---------------------------------------------------------------- engine
 
 
-@contextlib.contextmanager
-def engine(folder: Path, **overrides: Any) -> Iterator[Any]:
+def engine(folder: Path, **overrides: Any):
     """An in-process ``vllm.LLM`` for ``folder``, shut down and freed on exit."""
-    from vllm import LLM
-
     kwargs = dict(ENGINE_DEFAULTS)
     kwargs.update(overrides)
-    llm = LLM(str(folder), **kwargs)
-    try:
-        yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    return offline_engine(folder, **kwargs)
 
 
 @dataclass
