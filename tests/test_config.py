@@ -88,3 +88,11 @@ def test_kv_ratio_matches_paper_formula():
     assert kv_bytes_ratio(cfg, 8192) == pytest.approx(1 - 0.5 * (1 - 1024 / 8192))
     # Paged: 1 sink block + 32 window blocks + 1 partial block of 32 tokens.
     assert kv_bytes_ratio(cfg, 8192, block_size=32) == pytest.approx((256 + 34) / 512)
+
+
+def test_architecture_must_match_base():
+    cfg = LightTransferConfig.from_hf_config(hf())
+    cfg.check_architecture("LightTransferLlamaForCausalLM")
+    cfg.check_architecture("SomethingElse")  # not ours: nothing to compare
+    with pytest.raises(LightTransferConfigError, match="expected 'Qwen2ForCausalLM'"):
+        cfg.check_architecture("LightTransferQwen2ForCausalLM")

@@ -67,6 +67,15 @@ class LightTransferConfig:
     def is_lazy(self, layer_idx: int) -> bool:
         return layer_idx in self.lazy_layers
 
+    def check_architecture(self, architecture: str) -> None:
+        """Raise if ``architecture`` (one of ours) wraps another base than the section's."""
+        if architecture in ARCHITECTURES and ARCHITECTURES[architecture] != self.base_architecture:
+            raise LightTransferConfigError(
+                f"{SECTION}.base_architecture={self.base_architecture!r} does not match "
+                f"the architecture {architecture!r}; expected "
+                f"{ARCHITECTURES[architecture]!r}"
+            )
+
     def to_section(self) -> dict[str, Any]:
         section = dict(self.extra)
         section.update(
@@ -200,12 +209,8 @@ class LightTransferConfigCheck:
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
         cfg = LightTransferConfig.from_hf_config(model_config.hf_config)
-        archs = getattr(model_config.hf_config, "architectures", None) or []
-        if archs and archs[0] in ARCHITECTURES and ARCHITECTURES[archs[0]] != cfg.base_architecture:
-            raise LightTransferConfigError(
-                f"{SECTION}.base_architecture={cfg.base_architecture!r} does not match "
-                f"architectures={archs!r}; expected {ARCHITECTURES[archs[0]]!r}"
-            )
+        for arch in getattr(model_config.hf_config, "architectures", None) or []:
+            cfg.check_architecture(arch)
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:

@@ -36,7 +36,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_lighttransfer.attention.backend import SinkWindowAttention
-from vllm_lighttransfer.config import LightTransferConfig, LightTransferConfigError
+from vllm_lighttransfer.config import LightTransferConfig
 
 # Under the "vllm." namespace so that vLLM's log handler prints it.
 logger = init_logger(f"vllm.{__name__}")
@@ -78,12 +78,7 @@ class LightTransferMixin:
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         hf_config = vllm_config.model_config.hf_config
         cfg = LightTransferConfig.from_hf_config(hf_config)
-        if type(self).__name__ != cfg.architecture:
-            raise LightTransferConfigError(
-                f"lighttransfer.base_architecture={cfg.base_architecture!r} does not "
-                f"match the architecture {type(self).__name__!r}; expected "
-                f"{cfg.architecture!r} for that base"
-            )
+        cfg.check_architecture(type(self).__name__)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.lighttransfer_config = cfg
         swapped = install_sink_window_attention(self, cfg, vllm_config)
