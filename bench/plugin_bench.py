@@ -48,7 +48,8 @@ from vllm_lighttransfer.offline import engine_core, offline_engine  # noqa: E402
 
 def prepare_model(name: str, workdir: Path) -> Path:
     if name == "tiny":
-        from vllm_lighttransfer.tiny_model import build_tiny_llama
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_model import build_tiny_llama  # a test helper, not shipped
 
         return build_tiny_llama(workdir / "tiny-llama", dtype="bfloat16")
     if name == "smollm2":

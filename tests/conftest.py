@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from vllm_lighttransfer.config import LightTransferConfig  # noqa: E402
 from vllm_lighttransfer.convert.writer import convert_with_layers  # noqa: E402
 from vllm_lighttransfer.offline import engine_core, offline_engine  # noqa: E402,F401
-from vllm_lighttransfer.tiny_model import build_tiny_llama  # noqa: E402
+from tiny_model import build_tiny_llama  # noqa: E402  (tests/tiny_model.py)
 
 BLOCK = 32  # the CPU attention backend needs block sizes that are multiples of 32
 

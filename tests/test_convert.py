@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from conftest import engine_core, greedy, make_llm, random_prompts
-from vllm_lighttransfer.cli import PRESETS_DIR, load_preset, main
+from vllm_lighttransfer.cli import main
 from vllm_lighttransfer.config import LightTransferConfig
 from vllm_lighttransfer.convert import calibration
+from vllm_lighttransfer.convert.presets import PRESETS_DIR, load_preset
 from vllm_lighttransfer.convert.scoring import load_model, retained_mass, score_layers
 from vllm_lighttransfer.convert.select import (
     num_lazy,

@@ -184,7 +184,7 @@ def test_bench_command_flags(tmp_path):
 
 def test_analytic_limit(tmp_path):
     from vllm_lighttransfer.convert.writer import convert_with_layers
-    from vllm_lighttransfer.tiny_model import build_tiny_llama
+    from tiny_model import build_tiny_llama
 
     tiny = build_tiny_llama(tmp_path / "tiny")
     conv = convert_with_layers(tiny, tmp_path / "conv", [1, 3], 4, 60)
@@ -199,7 +199,7 @@ def test_analytic_limit(tmp_path):
 @pytest.mark.skipif(os.environ.get("LT_LOADTEST_E2E") != "1", reason="set LT_LOADTEST_E2E=1 (70-110 s)")
 def test_end_to_end_tiny(tmp_path):
     from vllm_lighttransfer.convert.writer import convert_with_layers
-    from vllm_lighttransfer.tiny_model import build_tiny_llama
+    from tiny_model import build_tiny_llama
 
     tiny = build_tiny_llama(tmp_path / "tiny-llama")
     conv = convert_with_layers(tiny, tmp_path / "tiny-lt", [1, 3], 4, 60)

@@ -1,4 +1,4 @@
-"""``lighttransfer`` command line: convert a model into a LightTransfer hybrid.
+"""``lighttransfer`` command line: parse flags, call the pipeline, print.
 
 Usage
     lighttransfer convert SRC OUT [--lazy-ratio R | --threshold T |
@@ -12,87 +12,38 @@ Usage
     weights (symlinked, or copied with ``--copy``; never altered),
     ``lighttransfer_report.json`` and ``lighttransfer_scores.png``.
 
-Flow
-    check flags -> check OUT -> resolve SRC -> check model -> layers (preset |
-    --layers | calibration + scoring + selection) -> report -> write OUT
-    atomically. Cheap checks come first, so a bad flag fails in milliseconds,
-    not after loading a model. Every expected failure is one line on stderr,
-    ``error: ...``, exit status 2; nothing is left in OUT.
+What lives where
+    The conversion itself is ``vllm_lighttransfer.convert.pipeline.convert``
+    (flow, checks, defaults); this module only maps flags to
+    ``ConvertOptions`` and turns failures into one line on stderr:
+    ``error: ...`` with exit status 2 for an expected failure (nothing is left
+    in OUT), 1 for an unexpected one (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from vllm_lighttransfer import __version__
-from vllm_lighttransfer.config import (
-    ARCHITECTURES,
-    SECTION,
-    SUPPORTED_BASES,
-    LightTransferConfigError,
+from vllm_lighttransfer.config import LightTransferConfigError
+from vllm_lighttransfer.convert.pipeline import (
+    DEFAULT_CAL_COUNT,
+    DEFAULT_CAL_LENGTH,
+    DEFAULT_LAZY_RATIO,
+    DEFAULT_N_LAST,
+    DEFAULT_SINK,
+    DEFAULT_WINDOW,
+    ConvertOptions,
+    check_options,
+    convert,
 )
+from vllm_lighttransfer.convert.pipeline import check_device as _check_device
+from vllm_lighttransfer.convert.presets import PRESETS_DIR, list_presets
 
 logger = logging.getLogger("vllm_lighttransfer")
-
-DEFAULT_SINK = 4
-DEFAULT_WINDOW = 1020
-DEFAULT_N_LAST = 32
-DEFAULT_LAZY_RATIO = 0.5
-DEFAULT_CAL_LENGTH = 4096
-DEFAULT_CAL_COUNT = 6
-# vllm_lighttransfer/presets links to the top-level configs/ in a checkout;
-# a wheel carries the JSON files there as package data.
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
-
-# ---------------------------------------------------------------- presets
-
-
-def preset_path(name: str) -> Path:
-    """A preset by name (``configs/NAME.json``) or by path to a JSON file."""
-    as_path = Path(name).expanduser()
-    if as_path.suffix == ".json" and as_path.is_file():
-        return as_path
-    path = PRESETS_DIR / f"{name}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json"))) or "none"
-        raise LightTransferConfigError(f"--preset {name}: unknown preset; known: {known}")
-    return path
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    path = preset_path(name)
-    try:
-        preset = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LightTransferConfigError(f"preset {path}: not valid JSON ({exc.msg})") from None
-    for key in ("base_architecture", "num_hidden_layers", "lazy_layers", "sink_tokens", "window_tokens"):
-        if key not in preset:
-            raise LightTransferConfigError(f"preset {path}: '{key}' is missing")
-    preset["_path"] = str(path)
-    return preset
-
-
-def check_preset_matches(preset: dict[str, Any], config: dict[str, Any], base: str) -> None:
-    name = preset.get("name", preset["_path"])
-    if preset["base_architecture"] != base:
-        raise LightTransferConfigError(
-            f"preset {name} is for {preset['base_architecture']}, SRC is {base}"
-        )
-    expected = {"num_hidden_layers": preset["num_hidden_layers"], **preset.get("expected_config", {})}
-    for key, value in expected.items():
-        if config.get(key) != value:
-            raise LightTransferConfigError(
-                f"preset {name} expects {key}={value}, SRC has {key}={config.get(key)!r}"
-            )
 
 
 # ---------------------------------------------------------------- arguments
@@ -162,257 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------- convert
-
-
-def _check_flags(args: argparse.Namespace) -> None:
-    from vllm_lighttransfer.convert.scoring import validate_scoring_settings
-    from vllm_lighttransfer.convert.select import check_lazy_ratio, check_threshold
-
-    if args.preset is not None:
-        if args.sink_tokens is not None or args.window_tokens is not None:
-            raise LightTransferConfigError(
-                "--preset fixes the sink and window sizes; drop --sink-tokens/--window-tokens"
-            )
-        return
-    args.sink_tokens = DEFAULT_SINK if args.sink_tokens is None else args.sink_tokens
-    args.window_tokens = DEFAULT_WINDOW if args.window_tokens is None else args.window_tokens
-    scoring = args.layers is None
-    if scoring:
-        if args.threshold is not None:
-            check_threshold(args.threshold)
-        else:
-            args.lazy_ratio = DEFAULT_LAZY_RATIO if args.lazy_ratio is None else args.lazy_ratio
-            check_lazy_ratio(args.lazy_ratio)
-        if args.calibration_count < 1:
-            raise LightTransferConfigError(
-                f"--calibration-count={args.calibration_count}: expected an integer >= 1"
-            )
-    validate_scoring_settings(
-        args.sink_tokens, args.window_tokens, args.n_last,
-        args.calibration_length if scoring else None,
-    )
-    if scoring:
-        _check_device(args.device)
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LightTransferConfigError(f"--device={name}: not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LightTransferConfigError(f"--device={name}: CUDA is not available on this machine")
-
-
-def _check_paths(src: Path, out: Path, force: bool) -> None:
-    if not src.exists():
-        raise LightTransferConfigError(f"SRC={src}: no such file or folder")
-    if out.exists() and not force:
-        raise LightTransferConfigError(f"OUT={out} exists; pass --force to replace it")
-    s, o = src.resolve(), out.resolve()
-    if s == o or o in s.parents or s in o.parents:
-        raise LightTransferConfigError(
-            f"OUT={out} must be outside SRC={src} and must not contain it"
-        )
-
-
-def _read_config(folder: Path, shown: str) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LightTransferConfigError(f"SRC={shown}: config.json is not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LightTransferConfigError(f"SRC={shown}: config.json is not a JSON object")
-    if SECTION in config or any(a in ARCHITECTURES for a in config.get("architectures") or []):
-        raise LightTransferConfigError(
-            f"SRC={shown} is already a LightTransfer conversion; convert its source instead"
-        )
-    return config
-
-
-def _score(args: argparse.Namespace, hf_dir: Path) -> tuple[list[int], dict, dict, dict]:
-    """Calibrate, score and select; returns layers, settings, scores, selection."""
-    from transformers import AutoTokenizer
-
-    from vllm_lighttransfer.convert import calibration
-    from vllm_lighttransfer.convert.scoring import check_prompt_length, load_model, score_layers
-    from vllm_lighttransfer.convert.select import select_by_ratio, select_by_threshold
-
-    texts, cal_source = calibration.load_texts(args.calibration)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    prompts = calibration.calibration_prompts(
-        tokenizer, texts, args.calibration_length, args.calibration_count
-    )
-    logger.info("calibration: %d prompts of %s tokens from %s",
-                len(prompts), sorted({len(p) for p in prompts}), cal_source)
-    # Fail on too-short calibration before the model loads.
-    for p in prompts:
-        check_prompt_length(len(p), args.sink_tokens, args.window_tokens, args.n_last)
-
-    t0 = time.perf_counter()
-    model = load_model(str(hf_dir), dtype=args.dtype, device=args.device)
-    load_s = time.perf_counter() - t0
-    scores = score_layers(
-        model, prompts, args.sink_tokens, args.window_tokens, args.n_last,
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    return ConvertOptions(
+        src=args.src, out=args.out, lazy_ratio=args.lazy_ratio, threshold=args.threshold,
+        layers=args.layers, preset=args.preset, sink_tokens=args.sink_tokens,
+        window_tokens=args.window_tokens, n_last=args.n_last, calibration=args.calibration,
+        calibration_length=args.calibration_length, calibration_count=args.calibration_count,
+        device=args.device, dtype=args.dtype, copy=args.copy, force=args.force,
         progress=not args.no_progress,
     )
-    del model
-    per_prompt = scores.per_prompt.tolist()
-    if args.threshold is not None:
-        sel = select_by_threshold(per_prompt, args.threshold)
-    else:
-        sel = select_by_ratio(per_prompt, args.lazy_ratio)
-    settings = {
-        "sink_tokens": args.sink_tokens,
-        "window_tokens": args.window_tokens,
-        "n_last": args.n_last,
-        "calibration": {
-            "source": cal_source,
-            "length": args.calibration_length,
-            "count": args.calibration_count,
-            "prompts_used": len(prompts),
-            "prompt_tokens": list(scores.prompt_lengths),
-        },
-        "dtype": args.dtype,
-        "device": args.device,
-    }
-    score_dict = {
-        "mean": scores.mean,
-        "std": scores.std,
-        "lazy_frequency": list(sel.lazy_frequency),
-        "per_prompt": per_prompt,
-        "per_head_mean": scores.per_head.mean(dim=0).tolist(),
-        "_timings": {"model_load": load_s, "scoring": scores.seconds},
-    }
-    return list(sel.lazy_layers), settings, score_dict, sel.to_dict()
 
 
-def convert(args: argparse.Namespace) -> Path:
-    """Run ``lighttransfer convert``; returns OUT. Raises on any failure."""
-    from vllm_lighttransfer.convert.report import (
-        PLOT_FILE,
-        REPORT_FILE,
-        build_report,
-        plot_scores,
-        provenance,
-    )
-    from vllm_lighttransfer.convert.select import parse_layers
-    from vllm_lighttransfer.convert.sources import gguf_to_hf, is_hf_folder
-    from vllm_lighttransfer.convert.writer import base_architecture, converted_config, write_converted
-
-    _check_flags(args)
-    src, out = Path(args.src).expanduser(), Path(args.out).expanduser()
-    _check_paths(src, out, args.force)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    work: Path | None = None
-    try:
-        if is_hf_folder(src):
-            hf_dir, kind = src, "hf"
-        elif src.is_file() and src.suffix.lower() == ".gguf":
-            out.resolve().parent.mkdir(parents=True, exist_ok=True)
-            work = Path(tempfile.mkdtemp(prefix=f".{out.name}.gguf-", dir=out.resolve().parent))
-            logger.info("dequantizing %s into a plain HF folder", src)
-            t0 = time.perf_counter()
-            try:
-                hf_dir = gguf_to_hf(src, work / "hf")
-            except (ValueError, KeyError, OSError, RuntimeError) as exc:
-                raise LightTransferConfigError(
-                    f"SRC={src}: cannot read this GGUF file "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                ) from exc
-            timings["gguf_to_hf"] = time.perf_counter() - t0
-            kind = "gguf"
-        else:
-            raise LightTransferConfigError(
-                f"SRC={src}: not a model (expected a folder with config.json or a .gguf file)"
-            )
-
-        config = _read_config(hf_dir, str(src))
-        base = base_architecture(config, str(src))
-        num_layers = config.get("num_hidden_layers")
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise LightTransferConfigError(f"SRC={src}: config.json has no valid num_hidden_layers")
-        source = {"path": str(src.resolve()), "kind": kind}
-        if config.get("_name_or_path") or config.get("_model_name_or_path"):
-            source["name"] = config.get("_name_or_path") or config.get("_model_name_or_path")
-
-        scores = selection = None
-        if args.preset is not None:
-            preset = load_preset(args.preset)
-            check_preset_matches(preset, config, base)
-            layers = list(preset["lazy_layers"])
-            sink, window = preset["sink_tokens"], preset["window_tokens"]
-            method = "preset"
-            settings = {
-                "preset": preset.get("name", Path(preset["_path"]).stem),
-                "preset_sources": preset.get("sources", []),
-            }
-        elif args.layers is not None:
-            layers = parse_layers(args.layers, num_layers)
-            sink, window, method = args.sink_tokens, args.window_tokens, "layers"
-            settings = {}
-        else:
-            from vllm_lighttransfer.convert.scoring import validate_scoring_settings
-
-            validate_scoring_settings(
-                args.sink_tokens, args.window_tokens, args.n_last,
-                args.calibration_length, config.get("max_position_embeddings"),
-            )
-            layers, settings, scores, selection = _score(args, hf_dir)
-            timings.update(scores.pop("_timings"))
-            sink, window, method = args.sink_tokens, args.window_tokens, "scored"
-        if not layers:
-            logger.warning("no layer selected as lazy: OUT will serve full attention everywhere")
-
-        # Validate the section once without provenance, then with it.
-        new_config = converted_config(config, layers, sink, window)
-        timings["total"] = time.perf_counter() - t_start
-        report = build_report(
-            source=source, config=new_config, method=method, settings=settings,
-            scores=scores, selection=selection, timings=timings,
-        )
-        new_config = converted_config(config, layers, sink, window, provenance(report))
-        extra = {REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()}
-        if scores is not None:
-            name = src.stem if kind == "gguf" else src.resolve().name
-            title = (
-                f"{name}: lazy-layer scores (sink {sink}, window {window}, last "
-                f"{args.n_last} queries, {len(scores['per_prompt'])} x "
-                f"{max(settings['calibration']['prompt_tokens'])}-token prompts)"
-            )
-            extra[PLOT_FILE] = plot_scores(
-                scores["mean"], scores["std"], scores["lazy_frequency"], layers, title,
-                threshold=args.threshold,
-            )
-        try:
-            write_converted(
-                hf_dir, out, new_config, link=not args.copy, force=args.force,
-                extra_files=extra, move=work is not None,
-            )
-        except FileExistsError as exc:
-            raise LightTransferConfigError(str(exc)) from None
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-    logger.info("lazy layers (%d of %d): %s", len(layers), num_layers, layers)
-    return out
+def _check_flags(args: argparse.Namespace) -> ConvertOptions:
+    """The value checks of ``convert`` that need no model (milliseconds)."""
+    return check_options(options_from_args(args), check_device=_check_device)
 
 
 # ---------------------------------------------------------------- main
 
 
 def _list_presets() -> int:
-    paths = sorted(PRESETS_DIR.glob("*.json"))
-    if not paths:
+    presets = list_presets()
+    if not presets:
         print(f"no presets in {PRESETS_DIR}")
-    for path in paths:
-        p = json.loads(path.read_text())
-        print(f"{path.stem}: {p.get('description', '')}")
+    for name, p in presets:
+        print(f"{name}: {p.get('description', '')}")
         print(f"    {p['base_architecture']}, {len(p['lazy_layers'])} of "
               f"{p['num_hidden_layers']} layers lazy, sink {p['sink_tokens']}, "
               f"window {p['window_tokens']}")
@@ -433,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        out = convert(args)
+        result = convert(_check_flags(args))
     except LightTransferConfigError as exc:
         if args.debug:
             raise
@@ -449,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
-    report = json.loads((out / "lighttransfer_report.json").read_text())
+    out, report = result.out, result.report
     print(f"wrote {out}")
     print(f"  lazy layers ({report['num_lazy_layers']} of {report['num_hidden_layers']}): "
           f"{report['lazy_layers']}")

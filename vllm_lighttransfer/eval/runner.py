@@ -80,15 +80,15 @@ def layer_scores(
     written for the same source and settings, else scores with the
     converter's defaults and writes ``cache``.
     """
-    from vllm_lighttransfer import cli
+    from vllm_lighttransfer.convert import pipeline as P
 
     settings = {
         "source": str(Path(src).resolve()),
-        "sink_tokens": cli.DEFAULT_SINK,
-        "window_tokens": cli.DEFAULT_WINDOW,
-        "n_last": cli.DEFAULT_N_LAST,
-        "calibration_length": cli.DEFAULT_CAL_LENGTH,
-        "calibration_count": cli.DEFAULT_CAL_COUNT,
+        "sink_tokens": P.DEFAULT_SINK,
+        "window_tokens": P.DEFAULT_WINDOW,
+        "n_last": P.DEFAULT_N_LAST,
+        "calibration_length": P.DEFAULT_CAL_LENGTH,
+        "calibration_count": P.DEFAULT_CAL_COUNT,
     }
     if report is not None:
         data = json.loads(Path(report).read_text())
@@ -99,22 +99,12 @@ def layer_scores(
         if data.get("settings") == settings:
             data["from"] = str(cache)
             return data
-    from transformers import AutoTokenizer
-
-    from vllm_lighttransfer.convert import calibration
-    from vllm_lighttransfer.convert.scoring import load_model, score_layers
-
-    texts, _ = calibration.load_texts(None)
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    prompts = calibration.calibration_prompts(
-        tokenizer, texts, settings["calibration_length"], settings["calibration_count"]
+    # The converter's own calibration and scoring, with its defaults.
+    scored = P.score_source(
+        Path(src), settings["sink_tokens"], settings["window_tokens"], settings["n_last"],
+        None, settings["calibration_length"], settings["calibration_count"], progress=progress,
     )
-    model = load_model(str(src))
-    scores = score_layers(
-        model, prompts, settings["sink_tokens"], settings["window_tokens"], settings["n_last"],
-        progress=progress,
-    )
-    del model
+    scores = scored.scores
     gc.collect()
     data = {"settings": settings, "per_prompt": scores.per_prompt.tolist(),
             "mean": scores.mean, "seconds": scores.seconds}
@@ -140,12 +130,12 @@ def task_layer_scores(
     other keys, so they share no text with the test probes. A diagnostic
     and a variant (``task-F``), not the converter's default.
     """
-    from vllm_lighttransfer import cli
+    from vllm_lighttransfer.convert.pipeline import DEFAULT_SINK, DEFAULT_WINDOW
     from vllm_lighttransfer.eval.prompts import build_probes
 
     cal = TASK_CALIBRATION
-    settings = {"source": str(Path(src).resolve()), "sink_tokens": cli.DEFAULT_SINK,
-                "window_tokens": cli.DEFAULT_WINDOW, "n_last": 1,
+    settings = {"source": str(Path(src).resolve()), "sink_tokens": DEFAULT_SINK,
+                "window_tokens": DEFAULT_WINDOW, "n_last": 1,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in cal.items()}}
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
@@ -156,8 +146,8 @@ def task_layer_scores(
     probes = build_probes(tokenizer, cal["tasks"], {cal["length"]: cal["depths"]},
                           samples=1, seed=cal["seed"], haystack_offset=0)
     model = load_model(str(src))
-    scores = score_layers(model, [list(p.token_ids) for p in probes], cli.DEFAULT_SINK,
-                          cli.DEFAULT_WINDOW, 1, progress=progress)
+    scores = score_layers(model, [list(p.token_ids) for p in probes], DEFAULT_SINK,
+                          DEFAULT_WINDOW, 1, progress=progress)
     del model
     gc.collect()
     data = {"settings": settings, "per_prompt": scores.per_prompt.tolist(), "mean": scores.mean,

@@ -1,0 +1,391 @@
+"""The conversion pipeline: one entry point for the CLI, the quality tool and the search.
+
+What it does
+    ``convert(options)`` turns a model (a Hugging Face folder or a ``.gguf``
+    file) into a converted folder and returns what it decided
+    (``ConvertResult``). ``lighttransfer convert`` is a thin shell around it.
+    ``score_source(hf_dir, ...)`` is the calibration + scoring step on its
+    own: the quality tool ranks layers with it, so its variants are exactly
+    the layers ``convert`` would pick. ``open_source(src, scratch)`` yields a
+    plain HF folder for either kind of source. Imports no vLLM.
+
+Flow
+    check options -> check OUT -> resolve SRC (dequantize a GGUF into a
+    scratch folder beside OUT) -> check the model -> layers (preset |
+    explicit list | calibration + scoring + selection) -> report -> write OUT
+    atomically. Cheap checks come first, so a bad option fails in
+    milliseconds, not after a model loads. Every expected failure raises
+    ``LightTransferConfigError`` with a one-line message naming the flag or
+    path; nothing is left in OUT.
+
+Options
+    ``ConvertOptions`` mirrors the command line one to one (``lazy_ratio``
+    is ``--lazy-ratio``, ...), so a message about ``--window-tokens`` means
+    the ``window_tokens`` field here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from vllm_lighttransfer.config import ARCHITECTURES, SECTION, LightTransferConfigError
+
+logger = logging.getLogger("vllm_lighttransfer")
+
+DEFAULT_SINK = 4
+DEFAULT_WINDOW = 1020
+DEFAULT_N_LAST = 32
+DEFAULT_LAZY_RATIO = 0.5
+DEFAULT_CAL_LENGTH = 4096
+DEFAULT_CAL_COUNT = 6
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything ``convert`` needs; ``None`` means "the default" (see ``check_options``)."""
+
+    src: str | Path
+    out: str | Path
+    lazy_ratio: float | None = None
+    threshold: float | None = None
+    layers: str | None = None
+    preset: str | None = None
+    sink_tokens: int | None = None
+    window_tokens: int | None = None
+    n_last: int = DEFAULT_N_LAST
+    calibration: str | Path | None = None
+    calibration_length: int = DEFAULT_CAL_LENGTH
+    calibration_count: int = DEFAULT_CAL_COUNT
+    device: str = "cpu"
+    dtype: str = "float32"
+    copy: bool = False
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def scoring(self) -> bool:
+        """Whether the layers come from calibration + scoring."""
+        return self.preset is None and self.layers is None
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScoredSource:
+    """Calibration + scoring of one model: the input of every selection."""
+
+    scores: Any  # convert.scoring.LayerScores
+    calibration_source: str
+    seconds: dict[str, float]
+
+    @property
+    def per_prompt(self) -> list[list[float]]:
+        return self.scores.per_prompt.tolist()
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LightTransferConfigError(f"--device={name}: not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LightTransferConfigError(f"--device={name}: CUDA is not available on this machine")
+
+
+def check_options(
+    options: ConvertOptions, check_device: Callable[[str], Any] = check_device
+) -> ConvertOptions:
+    """Validate ``options`` without touching the model; returns them with defaults filled in."""
+    from vllm_lighttransfer.convert.scoring import validate_scoring_settings
+    from vllm_lighttransfer.convert.select import check_lazy_ratio, check_threshold
+
+    o = options
+    if o.preset is not None:
+        if o.sink_tokens is not None or o.window_tokens is not None:
+            raise LightTransferConfigError(
+                "--preset fixes the sink and window sizes; drop --sink-tokens/--window-tokens"
+            )
+        return o
+    o = dataclasses.replace(
+        o,
+        sink_tokens=DEFAULT_SINK if o.sink_tokens is None else o.sink_tokens,
+        window_tokens=DEFAULT_WINDOW if o.window_tokens is None else o.window_tokens,
+    )
+    if o.scoring:
+        if o.threshold is not None:
+            check_threshold(o.threshold)
+        else:
+            o = dataclasses.replace(
+                o, lazy_ratio=DEFAULT_LAZY_RATIO if o.lazy_ratio is None else o.lazy_ratio
+            )
+            check_lazy_ratio(o.lazy_ratio)
+        if o.calibration_count < 1:
+            raise LightTransferConfigError(
+                f"--calibration-count={o.calibration_count}: expected an integer >= 1"
+            )
+    validate_scoring_settings(
+        o.sink_tokens, o.window_tokens, o.n_last, o.calibration_length if o.scoring else None
+    )
+    if o.scoring:
+        check_device(o.device)
+    return o
+
+
+def check_paths(src: Path, out: Path, force: bool) -> None:
+    if not src.exists():
+        raise LightTransferConfigError(f"SRC={src}: no such file or folder")
+    if out.exists() and not force:
+        raise LightTransferConfigError(f"OUT={out} exists; pass --force to replace it")
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents or s in o.parents:
+        raise LightTransferConfigError(
+            f"OUT={out} must be outside SRC={src} and must not contain it"
+        )
+
+
+def read_source_config(folder: Path, shown: str) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LightTransferConfigError(f"SRC={shown}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LightTransferConfigError(f"SRC={shown}: config.json is not a JSON object")
+    if SECTION in config or any(a in ARCHITECTURES for a in config.get("architectures") or []):
+        raise LightTransferConfigError(
+            f"SRC={shown} is already a LightTransfer conversion; convert its source instead"
+        )
+    return config
+
+
+# ---------------------------------------------------------------- source
+
+
+@contextlib.contextmanager
+def open_source(
+    src: Path, scratch_parent: Path, prefix: str = ".gguf-"
+) -> Iterator[tuple[Path, str, dict[str, float]]]:
+    """Yield ``(hf_dir, kind, timings)`` for ``src``; ``kind`` is "hf" or "gguf".
+
+    A GGUF file is dequantized into a hidden scratch folder under
+    ``scratch_parent`` (the folder OUT goes to, so the weights can be moved
+    into OUT instead of copied); the scratch folder is removed on exit.
+    """
+    from vllm_lighttransfer.convert.sources import gguf_to_hf, is_hf_folder
+
+    timings: dict[str, float] = {}
+    if is_hf_folder(src):
+        yield src, "hf", timings
+        return
+    if not (src.is_file() and src.suffix.lower() == ".gguf"):
+        raise LightTransferConfigError(
+            f"SRC={src}: not a model (expected a folder with config.json or a .gguf file)"
+        )
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_parent))
+    try:
+        logger.info("dequantizing %s into a plain HF folder", src)
+        t0 = time.perf_counter()
+        try:
+            hf_dir = gguf_to_hf(src, work / "hf")
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise LightTransferConfigError(
+                f"SRC={src}: cannot read this GGUF file "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        timings["gguf_to_hf"] = time.perf_counter() - t0
+        yield hf_dir, "gguf", timings
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_source(
+    hf_dir: Path,
+    sink_tokens: int = DEFAULT_SINK,
+    window_tokens: int = DEFAULT_WINDOW,
+    n_last: int = DEFAULT_N_LAST,
+    calibration: str | Path | None = None,
+    calibration_length: int = DEFAULT_CAL_LENGTH,
+    calibration_count: int = DEFAULT_CAL_COUNT,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+    model: Any = None,
+) -> ScoredSource:
+    """Calibration prompts from ``calibration`` (default: the built-in essays),
+    then every layer's laziness score on them (``convert.scoring``).
+
+    ``model``: an already loaded causal LM of ``hf_dir`` (else it is loaded
+    here and freed afterwards).
+    """
+    from transformers import AutoTokenizer
+
+    from vllm_lighttransfer.convert import calibration as cal
+    from vllm_lighttransfer.convert.scoring import check_prompt_length, load_model, score_layers
+
+    texts, cal_source = cal.load_texts(calibration)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    prompts = cal.calibration_prompts(tokenizer, texts, calibration_length, calibration_count)
+    logger.info("calibration: %d prompts of %s tokens from %s",
+                len(prompts), sorted({len(p) for p in prompts}), cal_source)
+    # Fail on too-short calibration before the model loads.
+    for p in prompts:
+        check_prompt_length(len(p), sink_tokens, window_tokens, n_last)
+    seconds: dict[str, float] = {}
+    if model is None:
+        t0 = time.perf_counter()
+        model = load_model(str(hf_dir), dtype=dtype, device=device)
+        seconds["model_load"] = time.perf_counter() - t0
+    scores = score_layers(model, prompts, sink_tokens, window_tokens, n_last, progress=progress)
+    seconds["scoring"] = scores.seconds
+    return ScoredSource(scores, cal_source, seconds)
+
+
+def _scored_layers(
+    options: ConvertOptions, hf_dir: Path
+) -> tuple[list[int], dict, dict, dict, dict[str, float]]:
+    """Calibrate, score and select; returns layers, settings, scores, selection, timings."""
+    from vllm_lighttransfer.convert.select import select_by_ratio, select_by_threshold
+
+    o = options
+    scored = score_source(
+        hf_dir, o.sink_tokens, o.window_tokens, o.n_last, o.calibration,
+        o.calibration_length, o.calibration_count, o.dtype, o.device, o.progress,
+    )
+    scores, per_prompt = scored.scores, scored.per_prompt
+    if o.threshold is not None:
+        sel = select_by_threshold(per_prompt, o.threshold)
+    else:
+        sel = select_by_ratio(per_prompt, o.lazy_ratio)
+    settings = {
+        "sink_tokens": o.sink_tokens,
+        "window_tokens": o.window_tokens,
+        "n_last": o.n_last,
+        "calibration": {
+            "source": scored.calibration_source,
+            "length": o.calibration_length,
+            "count": o.calibration_count,
+            "prompts_used": len(scores.prompt_lengths),
+            "prompt_tokens": list(scores.prompt_lengths),
+        },
+        "dtype": o.dtype,
+        "device": o.device,
+    }
+    score_dict = {
+        "mean": scores.mean,
+        "std": scores.std,
+        "lazy_frequency": list(sel.lazy_frequency),
+        "per_prompt": per_prompt,
+        "per_head_mean": scores.per_head.mean(dim=0).tolist(),
+    }
+    return list(sel.lazy_layers), settings, score_dict, sel.to_dict(), dict(scored.seconds)
+
+
+# ---------------------------------------------------------------- convert
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    """Run the whole conversion (see module doc). Raises on any failure."""
+    from vllm_lighttransfer.convert.presets import check_preset_matches, load_preset
+    from vllm_lighttransfer.convert.report import (
+        PLOT_FILE,
+        REPORT_FILE,
+        build_report,
+        plot_scores,
+        provenance,
+    )
+    from vllm_lighttransfer.convert.select import parse_layers
+    from vllm_lighttransfer.convert.writer import base_architecture, converted_config, write_converted
+
+    o = check_options(options)
+    src, out = Path(o.src).expanduser(), Path(o.out).expanduser()
+    check_paths(src, out, o.force)
+    t_start = time.perf_counter()
+
+    with open_source(src, out.resolve().parent, f".{out.name}.gguf-") as (hf_dir, kind, timings):
+        config = read_source_config(hf_dir, str(src))
+        base = base_architecture(config, str(src))
+        num_layers = config.get("num_hidden_layers")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise LightTransferConfigError(f"SRC={src}: config.json has no valid num_hidden_layers")
+        source = {"path": str(src.resolve()), "kind": kind}
+        if config.get("_name_or_path") or config.get("_model_name_or_path"):
+            source["name"] = config.get("_name_or_path") or config.get("_model_name_or_path")
+
+        scores = selection = None
+        if o.preset is not None:
+            preset = load_preset(o.preset)
+            check_preset_matches(preset, config, base)
+            layers = list(preset["lazy_layers"])
+            sink, window = preset["sink_tokens"], preset["window_tokens"]
+            method = "preset"
+            settings: dict[str, Any] = {
+                "preset": preset.get("name", Path(preset["_path"]).stem),
+                "preset_sources": preset.get("sources", []),
+            }
+        elif o.layers is not None:
+            layers = parse_layers(o.layers, num_layers)
+            sink, window, method = o.sink_tokens, o.window_tokens, "layers"
+            settings = {}
+        else:
+            from vllm_lighttransfer.convert.scoring import validate_scoring_settings
+
+            validate_scoring_settings(
+                o.sink_tokens, o.window_tokens, o.n_last,
+                o.calibration_length, config.get("max_position_embeddings"),
+            )
+            layers, settings, scores, selection, score_timings = _scored_layers(o, hf_dir)
+            timings.update(score_timings)
+            sink, window, method = o.sink_tokens, o.window_tokens, "scored"
+        if not layers:
+            logger.warning("no layer selected as lazy: OUT will serve full attention everywhere")
+
+        # Validate the section once without provenance, then with it.
+        new_config = converted_config(config, layers, sink, window)
+        timings["total"] = time.perf_counter() - t_start
+        report = build_report(
+            source=source, config=new_config, method=method, settings=settings,
+            scores=scores, selection=selection, timings=timings,
+        )
+        new_config = converted_config(config, layers, sink, window, provenance(report))
+        extra = {REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()}
+        if scores is not None:
+            name = src.stem if kind == "gguf" else src.resolve().name
+            title = (
+                f"{name}: lazy-layer scores (sink {sink}, window {window}, last "
+                f"{o.n_last} queries, {len(scores['per_prompt'])} x "
+                f"{max(settings['calibration']['prompt_tokens'])}-token prompts)"
+            )
+            extra[PLOT_FILE] = plot_scores(
+                scores["mean"], scores["std"], scores["lazy_frequency"], layers, title,
+                threshold=o.threshold,
+            )
+        try:
+            write_converted(
+                hf_dir, out, new_config, link=not o.copy, force=o.force,
+                extra_files=extra, move=kind == "gguf",
+            )
+        except FileExistsError as exc:
+            raise LightTransferConfigError(str(exc)) from None
+    logger.info("lazy layers (%d of %d): %s", len(layers), num_layers, layers)
+    return ConvertResult(out, report)
