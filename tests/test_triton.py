@@ -1,0 +1,119 @@
+"""The Triton lazy-layer kernel against the dense reference and the plain-PyTorch path.
+
+Runs on a GPU where there is one, otherwise on CPU tensors through Triton's
+interpreter: this module sets ``TRITON_INTERPRET=1`` itself (Triton reads it
+when a kernel is defined, so it is set before the kernel module is imported,
+and the module is reloaded if something imported it earlier);
+``TRITON_INTERPRET=1 pytest -m triton`` works too. Skipped where Triton is
+not installed. The cases (``CASES`` in ``bench/gpu_check.py``, shared with the
+GPU check script) are small: the interpreter runs every program in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton", reason="Triton is not installed: the Triton kernel path is unavailable")
+
+from vllm_lighttransfer.attention import triton_sink_window as tsw  # noqa: E402
+
+if not ON_GPU:
+    # Someone (vLLM, the backend) may have imported the module before the
+    # variable was set: define its kernels again, now interpreted.
+    tsw = importlib.reload(tsw)
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("lighttransfer_gpu_check", ROOT / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = gpu_check  # dataclasses look their module up
+_spec.loader.exec_module(gpu_check)
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.mark.parametrize("case", gpu_check.CASES, ids=lambda c: c.name)
+def test_case_equals_reference_and_paged(case):
+    result = gpu_check.check_batch(gpu_check.build_batch(case, DEVICE))
+    assert result["finite"], result
+    assert result["untouched_past_batch"], result
+    assert result["max_err_reference"] <= case.tol, result
+    assert result["max_err_paged"] <= 2 * case.tol + 1e-5, result
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches(seed):
+    case = gpu_check.random_case(seed)
+    result = gpu_check.check_batch(gpu_check.build_batch(case, DEVICE))
+    assert result["ok"], result
+
+
+def test_freed_blocks_really_hold_nan():
+    """The NaN cases are not vacuous: freed blocks exist, hold NaN, sit in the table as 0,
+    and a kernel reading one would return NaN."""
+    case = gpu_check.Case("frees", [200], [1], sink=3, window=20)
+    batch = gpu_check.build_batch(case, DEVICE)
+    assert torch.isnan(batch.kv_cache[0].float()).all()
+    # Decode at 199 needs keys 0..2 (block 0) and 180..199 (blocks 11, 12):
+    # blocks 1..10 are freed.
+    assert (batch.block_table[0, 1:11] == 0).all() and (batch.block_table[0, [0, 11, 12]] != 0).all()
+    assert gpu_check.check_batch(batch)["ok"]
+    # The same cache read with a window reaching into the freed blocks: NaN.
+    batch.case = dataclasses.replace(case, window=50)
+    assert torch.isnan(gpu_check.run_triton(batch)[:1].float()).any()
+
+
+def test_fp8_write_quantizes_and_saturates():
+    cache = torch.zeros(4, 1, 16, 2 * 16, dtype=torch.float8_e4m3fn, device=DEVICE)
+    key = torch.linspace(-3, 3, 16).view(1, 1, 16).to(DEVICE)
+    value = torch.full((1, 1, 16), 1000.0, device=DEVICE)  # 1000 / 0.5 = 2000 > 448: saturates
+    ks, vs = torch.tensor([0.01], device=DEVICE), torch.tensor([0.5], device=DEVICE)
+    tsw.write_kv_quantized(cache, key, value, torch.tensor([2 * 16 + 5], device=DEVICE), ks, vs)
+    row = cache[2, 0, 5].float()
+    expected_k = (key[0, 0] / 0.01).to(torch.float8_e4m3fn).float()
+    assert torch.equal(row[:16], expected_k)
+    assert torch.equal(row[16:], torch.full((16,), 448.0, device=DEVICE))
+    # Dequantized as the kernel does: within e4m3's 3-bit mantissa (rel. 2^-4).
+    torch.testing.assert_close(row[:16] * 0.01, key[0, 0], rtol=2 ** -4, atol=1e-3)
+    assert cache.float().count_nonzero() == 32 - int((expected_k == 0).sum())  # nothing else written
+
+
+def test_launch_shape():
+    assert tsw.launch_shape(1, 32, 8) == (4, 16)  # decode: 4 heads x 4 tokens... rows for GQA 4
+    assert tsw.launch_shape(2048, 32, 8) == (16, 64)
+    assert tsw.launch_shape(1, 64, 2) == (1, 32)  # group 32 > 16 rows
+    assert tsw.launch_shape(100, 6, 2) == (21, 64)  # group 3: 63 of 64 rows used
+
+
+def test_imports_without_triton(monkeypatch):
+    """No Triton: the module still imports (HAS_TRITON False) and the entry raises clearly."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("tsw_no_triton", tsw.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.HAS_TRITON is False
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        mod.sink_window_attention_triton(*([None] * 12))
+
+
+def test_module_imports_no_vllm():
+    code = (
+        "import sys; import vllm_lighttransfer.attention.triton_sink_window as m; "
+        "assert not [n for n in sys.modules if n == 'vllm' or n.startswith('vllm.')], 'vllm imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
