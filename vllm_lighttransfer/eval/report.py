@@ -8,6 +8,15 @@ What it does
     ``heatmaps_all.png`` (every variant side by side). Accuracy differences
     against the unconverted model are taken on the same probes, so a variant
     that skipped the longest length is compared on what it ran.
+
+Statistics
+    Every accuracy carries its Wilson 95% interval (``scoring.wilson_interval``):
+    with 8 probes per cell a cell at 50% spans 22-78%, so read differences
+    smaller than the intervals as noise. Each variant row also says how many
+    of its probes the unconverted model answered (``full right``) and how
+    many of *those* the variant kept: a conversion can only lose what the
+    model knew, and a variant that "loses 10 points" of a model that
+    answered 3 probes has lost nothing measurable.
 """
 
 from __future__ import annotations
@@ -17,7 +26,13 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from vllm_lighttransfer.eval.scoring import accuracy_table, pct, perplexity_rows
+from vllm_lighttransfer.eval.scoring import (
+    accuracy_table,
+    baseline_comparison,
+    pct,
+    perplexity_rows,
+    wilson_interval,
+)
 
 BASELINE = "full"
 
@@ -28,6 +43,14 @@ def length_label(n: int) -> str:
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def with_interval(right_total: tuple[int, int] | None) -> str:
+    """``"75 (41-93)"``: accuracy in percent and its Wilson 95% interval."""
+    if not right_total or right_total[1] == 0:
+        return "n/a"
+    lo, hi = wilson_interval(*right_total)
+    return f"{pct(right_total):.0f} ({100 * lo:.0f}-{100 * hi:.0f})"
 
 
 def _same_probe_delta(records: Sequence[dict], variant: str, task: str | None = None) -> float | None:
@@ -186,22 +209,38 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
 
     cols = [(t, n) for t in tasks for n in lengths]
     head = ["variant", "lazy layers"] + [f"{t} {length_label(n)}" for t, n in cols]
-    head += ["overall", "Δ vs full", "ppl ratio", "ppl ratio beyond window", "run (s)"]
+    head += ["overall", "full right", "kept of those", "Δ vs full", "ppl ratio",
+             "ppl ratio beyond window", "run (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    comparisons = {}
     for r in results:
         name = r.variant.name
         entry = table.get(name, {"cells": {}, "overall": (0, 0)})
         lazy = "none" if r.variant.lazy_layers is None else str(len(r.variant.lazy_layers))
-        cells = [_fmt(pct(entry["cells"].get(c))) for c in cols]
-        delta = _same_probe_delta(records, name) if name != BASELINE else None
+        cells = [with_interval(entry["cells"].get(c)) for c in cols]
+        cmp = comparisons[name] = baseline_comparison(records, name, BASELINE)
+        full_right = f"{cmp['baseline_right']}/{cmp['probes']}" if cmp["probes"] else "n/a"
+        kept = (with_interval((cmp["kept"], cmp["baseline_right"]))
+                if cmp["baseline_right"] else "n/a")
         row = [name, lazy] + cells + [
-            _fmt(pct(entry["overall"])),
-            "—" if name == BASELINE else _fmt(delta, "+.1f"),
+            with_interval(entry["overall"]),
+            full_right,
+            kept,
+            "—" if name == BASELINE else _fmt(cmp["delta_points"], "+.1f"),
             _fmt(ppl[name]["ppl_ratio"], ".4f") if name in ppl else "n/a",
             _fmt(ppl[name]["ppl_far_ratio"], ".4f") if name in ppl else "n/a",
             _fmt(r.seconds.get("total"), ".0f"),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    kinds = sorted({rec.get("kind", "number") for rec in records})
+    kind_lines = []
+    if len(kinds) > 1:
+        kind_lines = ["| variant | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for r in results:
+            entry = table.get(r.variant.name, {"kinds": {}})
+            kind_lines.append(f"| {r.variant.name} | "
+                              + " | ".join(with_interval(entry["kinds"].get(k)) for k in kinds)
+                              + " |")
 
     samples = settings["samples"]
     ran = {r.variant.name for r in results}
@@ -210,18 +249,24 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
         f" Variants {', '.join(skipped)} skip the {length_label(max(lengths))} length "
         "(time budget)." if skipped else ""
     )
+    kinds_note = (f" Needle kinds: {', '.join(settings['kinds'])} (sample s hides kind "
+                  "s mod 2)." if settings.get("kinds") else "")
     md = [
-        "### Retrieval accuracy (%, exact match, greedy) and perplexity ratio",
+        "### Retrieval accuracy (%, exact match, greedy, Wilson 95% interval) and perplexity ratio",
         "",
         f"Model `{Path(settings['model']).name}`; sink {settings['sink_tokens']}, window "
         f"{settings['window_tokens']} (real size, not scaled); depths "
         f"{', '.join(f'{d:.0%}' for d in settings['depths'])}; probes per task, length and depth: "
         + ", ".join(f"{length_label(int(k))}: {v}" for k, v in samples.items())
-        + "." + skip_note + " Δ vs full is on the probes each variant ran.",
+        + "." + kinds_note + skip_note + " `full right`: probes of this variant the unconverted "
+        "model answered; `kept of those`: how many of them the variant answered too. "
+        "Δ vs full is on the probes each variant ran.",
         "",
         *lines,
         "",
     ]
+    if kind_lines:
+        md += ["Accuracy by needle kind (%, Wilson 95% interval):", "", *kind_lines, ""]
     if ppl:
         md += [
             f"Perplexity: {settings['ppl_chunks']} held-out essay chunk(s) of "
@@ -258,7 +303,12 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
         "accuracy": {
             name: {
                 "overall": entry["overall"],
+                "overall_wilson95": wilson_interval(*entry["overall"]),
                 "cells": {f"{t}@{n}": v for (t, n), v in entry["cells"].items()},
+                "cells_wilson95": {f"{t}@{n}": wilson_interval(*v)
+                                   for (t, n), v in entry["cells"].items()},
+                "kinds": entry["kinds"],
+                "vs_full": comparisons.get(name),
                 "delta_vs_full": _same_probe_delta(records, name),
             }
             for name, entry in table.items()

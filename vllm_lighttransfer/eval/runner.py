@@ -290,9 +290,10 @@ def run_variant(
                 "depth": probe.depth,
                 "actual_depth": round(probe.actual_depth, 4),
                 "sample": probe.sample,
+                "kind": probe.kind,
                 "answer": probe.answer,
                 "output": text,
-                "correct": is_correct(text, probe.answer),
+                "correct": is_correct(text, probe.answer, probe.kind),
                 "cached_tokens": getattr(out, "num_cached_tokens", None),
             }
         )
