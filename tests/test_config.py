@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vllm_lighttransfer.config import (
+    FORMAT_VERSION,
+    PROVENANCE_KEYS,
     LightTransferConfig,
     LightTransferConfigError,
     kv_bytes_ratio,
@@ -96,3 +98,135 @@ def test_architecture_must_match_base():
     cfg.check_architecture("SomethingElse")  # not ours: nothing to compare
     with pytest.raises(LightTransferConfigError, match="expected 'Qwen2ForCausalLM'"):
         cfg.check_architecture("LightTransferQwen2ForCausalLM")
+
+
+# ---------------------------------------------------------------- format version
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(), 1),  # written before format_version existed: still servable
+        (dict(format_version=1), 1),
+        (dict(format_version=FORMAT_VERSION), FORMAT_VERSION),
+    ],
+)
+def test_format_version_accepted(kw, expected):
+    cfg = LightTransferConfig.from_hf_config(hf(**kw))
+    assert cfg.to_section()["format_version"] == FORMAT_VERSION
+    assert "format_version" not in cfg.extra
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (FORMAT_VERSION + 1, f"lighttransfer.format_version={FORMAT_VERSION + 1}: this folder "
+                             "was written by a newer converter"),
+        (10**30, "upgrade vllm-lighttransfer"),
+        (0, f"lighttransfer.format_version=0: expected an integer in [1, {FORMAT_VERSION}]"),
+        (-1, "lighttransfer.format_version=-1: expected an integer in [1,"),
+        (True, "lighttransfer.format_version=True: expected an integer"),
+        (1.0, "lighttransfer.format_version=1.0: expected an integer"),
+        ("1", "lighttransfer.format_version='1': expected an integer"),
+        (None, "lighttransfer.format_version=None: expected an integer"),
+    ],
+)
+def test_bad_format_version(value, message):
+    with pytest.raises(LightTransferConfigError) as err:
+        LightTransferConfig.from_hf_config(hf(format_version=value))
+    assert message in str(err.value)
+
+
+def test_newer_version_wins_over_unknown_keys():
+    """A newer folder's new keys get the upgrade hint, not a bare 'unknown key'."""
+    with pytest.raises(LightTransferConfigError, match="written by a newer converter"):
+        LightTransferConfig.from_hf_config(
+            hf(format_version=FORMAT_VERSION + 1, streaming_kv_heads=[[0, 1]])
+        )
+
+
+# ---------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        # The planned per-head streaming: changes attention, so never ignored.
+        (dict(streaming_kv_heads={"1": [0]}), "lighttransfer.streaming_kv_heads: unknown key"),
+        (dict(sink_token=4), "lighttransfer.sink_token: unknown key"),  # a typo is not ignored
+        (dict(provenance={"a": 1}), "lighttransfer.provenance: unknown key"),
+        (dict(b=1, a=2), "lighttransfer.a, lighttransfer.b: unknown keys"),
+        ({"X_note": 1}, "lighttransfer.X_note: unknown key"),  # the prefix is lower case
+        ({"x": 1}, "lighttransfer.x: unknown key"),
+    ],
+)
+def test_unknown_keys_refused(kw, message):
+    with pytest.raises(LightTransferConfigError) as err:
+        LightTransferConfig.from_hf_config(hf(**kw))
+    text = str(err.value)
+    assert message in text
+    assert "free provenance keys start with 'x_'" in text and "upgrade vllm-lighttransfer" in text
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {key: {"anything": [1, 2]} for key in sorted(PROVENANCE_KEYS)},
+        {"x_note": "tuned by hand", "x_": None, "x_streaming_kv_heads": [0]},
+        dict(scores=[0.1] * 4, settings={"n_last": 32}, lazy_frequency=[1.0] * 4),
+    ],
+    ids=["every-provenance-key", "free-x_-keys", "converter-output"],
+)
+def test_provenance_and_free_keys_kept(kw):
+    cfg = LightTransferConfig.from_hf_config(hf(**kw))
+    assert dict(cfg.extra) == kw
+    assert LightTransferConfig.from_hf_config(dict(hf(), lighttransfer=cfg.to_section())) == cfg
+
+
+def test_converter_writes_current_version():
+    from vllm_lighttransfer.convert.writer import converted_config
+
+    base = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4}
+    section = converted_config(base, [1], 4, 60, {"method": "layers"})["lighttransfer"]
+    assert section["format_version"] == FORMAT_VERSION
+    with pytest.raises(LightTransferConfigError, match="lighttransfer.notes: unknown key"):
+        converted_config(base, [1], 4, 60, {"notes": "x"})  # refused when written, too
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(hf(), num_hidden_layers=True), "num_hidden_layers=True: expected an integer >= 1"),
+        (dict(hf(), lighttransfer=[1, 3]), "lighttransfer: expected an object, got list"),
+        (dict(hf(base_architecture="LlamaForCausalLM"), architectures="junk"),
+         None),  # base_architecture given: architectures not consulted here
+        (dict(hf(), lighttransfer=dict(section(base_architecture=["LlamaForCausalLM"]))),
+         "lighttransfer.base_architecture=['LlamaForCausalLM'] is not supported"),
+    ],
+)
+def test_whole_config_shapes(config, message):
+    if message is None:
+        LightTransferConfig.from_hf_config(config)
+        return
+    with pytest.raises(LightTransferConfigError) as err:
+        LightTransferConfig.from_hf_config(config)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "archs, message",
+    [
+        ("LightTransferLlamaForCausalLM", "architectures='LightTransferLlamaForCausalLM': expected a list"),
+        ([["LightTransferLlamaForCausalLM"]], "lighttransfer.base_architecture is missing and architectures="),
+        (["LlamaForCausalLM"], "names none of ours"),
+        (None, "lighttransfer.base_architecture is missing and architectures=[]"),
+    ],
+)
+def test_base_from_architectures(archs, message):
+    config = hf()
+    config["architectures"] = archs
+    with pytest.raises(LightTransferConfigError) as err:
+        LightTransferConfig.from_hf_config(config)
+    assert message in str(err.value)
+    config["architectures"] = ["LightTransferQwen2ForCausalLM"]
+    assert LightTransferConfig.from_hf_config(config).base_architecture == "Qwen2ForCausalLM"

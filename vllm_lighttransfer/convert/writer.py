@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vllm_lighttransfer.config import (
+    FORMAT_VERSION,
     SECTION,
     SUPPORTED_BASES,
     LightTransferConfig,
@@ -55,6 +56,7 @@ def converted_config(
     base = base_architecture(config)
     section = dict(provenance or {})
     section.update(
+        format_version=FORMAT_VERSION,
         base_architecture=base,
         lazy_layers=sorted(lazy_layers),
         sink_tokens=sink_tokens,
