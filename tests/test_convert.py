@@ -524,6 +524,167 @@ def test_cli_conflicting_selection_flags(tiny_llama, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+# ------------------------------------------------------- quality search
+
+
+def point(ratio, right, ppl, total=8):
+    from vllm_lighttransfer.convert.search import CurvePoint
+
+    return CurvePoint(ratio=ratio, lazy_layers=[], retrieval_right=right,
+                      retrieval_total=total, ppl=ppl, kv_bytes_saved=ratio / 2)
+
+
+# (curve as (ratio, right of 8, perplexity), max loss, chosen ratio or None)
+CHOICES = [
+    ("all within", [(0, 8, 10.0), (0.25, 8, 10.1), (0.5, 8, 10.2), (0.75, 8, 10.3)], 5, 0.75),
+    ("retrieval drop stops", [(0, 8, 10.0), (0.25, 8, 10.0), (0.5, 7, 10.0), (0.75, 8, 10.0)], 5, 0.25),
+    ("one probe is 12.5 points", [(0, 8, 10.0), (0.25, 7, 10.0)], 12.5, 0.25),
+    ("perplexity stops", [(0, 8, 10.0), (0.25, 8, 10.4), (0.5, 8, 10.6)], 5, 0.25),
+    ("budget inclusive", [(0, 8, 10.0), (0.5, 8, 10.5)], 5, 0.5),
+    ("first fails", [(0, 8, 10.0), (0.25, 4, 10.0), (0.5, 8, 10.0)], 5, None),
+    ("zero budget, no change", [(0, 4, 10.0), (0.5, 4, 10.0)], 0, 0.5),
+    ("gains are not losses", [(0, 4, 10.0), (0.5, 6, 9.0), (0.75, 3, 10.0)], 10, 0.5),
+    ("unsorted input", [(0.5, 8, 10.0), (0, 8, 10.0), (0.25, 8, 10.0)], 1, 0.5),
+]
+
+
+@pytest.mark.parametrize("name,curve,max_loss,expected", CHOICES, ids=[c[0] for c in CHOICES])
+def test_choose_ratio(name, curve, max_loss, expected):
+    from vllm_lighttransfer.convert.search import choose_ratio
+
+    points = [point(*c) for c in curve]
+    chosen = choose_ratio(points, max_loss)
+    assert (chosen.ratio if chosen else None) == expected
+    for p in points:  # every point carries its losses for the report
+        assert p.loss == max(p.retrieval_loss, p.ppl_increase) >= 0
+        assert p.within_budget == (p.loss <= max_loss + 1e-9)
+
+
+def test_search_loss_arithmetic():
+    from vllm_lighttransfer.convert.search import apply_budget
+
+    pts = [point(0, 6, 20.0), point(0.5, 3, 21.0)]
+    apply_budget(pts, 10)
+    assert pts[1].retrieval_loss == 37.5  # 75% -> 37.5%
+    assert pts[1].ppl_increase == pytest.approx(5.0)
+    assert pts[1].loss == 37.5 and not pts[1].within_budget
+
+
+def test_teacher_forced_answer_equals_greedy(tiny_llama):
+    """A probe counts as answered exactly when greedy decoding produces its key."""
+    from transformers import AutoTokenizer
+
+    from vllm_lighttransfer.convert.search import _Evaluator
+    from vllm_lighttransfer.eval.prompts import Probe
+    from vllm_lighttransfer.reference import ReferenceHybridModel
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    model = load_model(str(tiny_llama))
+    cfg = LightTransferConfig((1, 3), 4, 16, "LlamaForCausalLM", 4)
+    ref = ReferenceHybridModel(model, cfg)
+    prompt = random_prompts([90], seed=11)[0]
+    g = ref.greedy(prompt, 3)
+    ev = _Evaluator(model, tok)
+
+    def probe(answer):
+        return Probe("passkey", 90, 0.5, 0, tuple(prompt), answer, 10, 3, 0, 80, "number")
+
+    key = tok.decode(g[:2])  # two word tokens: "wA wB"
+    assert tok(" " + key, add_special_tokens=False)["input_ids"] == g[:2]
+    assert ev.answered(probe(key))["correct"]
+    wrong = tok.decode([g[0], (g[1] + 1 - 4) % 500 + 4])
+    got = ev.answered(probe(wrong))
+    assert not got["correct"] and got["first_token_right"]
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "searched"
+    assert main(["convert", str(tiny_llama), str(out), "--max-loss", "5", "--search-length", "200",
+                 "--search-ratios", "0.5,0.25,1", *FAST]) == 0
+    return out
+
+
+def test_cli_max_loss_report(searched):
+    from vllm_lighttransfer.convert.search import CurvePoint, choose_ratio
+
+    report = json.loads((searched / "lighttransfer_report.json").read_text())
+    search = report["quality_search"]
+    curve = search["curve"]
+    assert [p["ratio"] for p in curve] == [0.0, 0.25, 0.5, 1.0]  # the unconverted model first
+    assert search["max_loss"] == 5.0 and search["probes"]["length"] == 200
+    assert search["seconds"] > 0 and search["peak_rss_mib"] > 0
+    for p in curve:
+        assert p["retrieval_total"] == 8 and len(p["answers"]) == 8
+        assert {a["kind"] for a in p["answers"]} == {"number", "word"}
+        lo, hi = p["retrieval_wilson95"]
+        assert lo <= p["retrieval"] <= hi
+        assert p["loss"] == pytest.approx(max(p["retrieval_loss"], p["ppl_increase"]), abs=1e-3)
+    assert curve[0]["kv_bytes_saved"] == 0 and curve[-1]["kv_bytes_saved"] > curve[1]["kv_bytes_saved"]
+    # The choice is the selection rule applied to the recorded curve ...
+    points = [CurvePoint(**{k: v for k, v in p.items() if k in CurvePoint.__dataclass_fields__})
+              for p in curve]
+    chosen = choose_ratio(points, 5.0)
+    assert search["chosen_ratio"] == (chosen.ratio if chosen else None)
+    # ... and the lazy layers are what --lazy-ratio would pick at that ratio.
+    cfg = section(searched)
+    if chosen is None:
+        assert cfg.lazy_layers == ()
+    else:
+        sel = select_by_ratio(report["scores"]["per_prompt"], chosen.ratio)
+        assert cfg.lazy_layers == sel.lazy_layers == tuple(search["chosen_lazy_layers"])
+    assert cfg.extra["selection"]["rule"] == "max_loss"
+    assert cfg.extra["settings"]["max_loss"] == 5.0
+    assert (searched / "lighttransfer_search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_max_loss_prints_the_curve(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "printed"
+    assert main(["convert", str(tiny_llama), str(out), "--max-loss", "100", "--search-length",
+                 "120", "--search-ratios", "0.5", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "quality search (max loss 100" in text and "<- chosen" in text
+    assert len(section(out).lazy_layers) == 2  # any loss fits 100 points
+
+
+@pytest.mark.parametrize("value", ["150", "-1", "abc", "nan", "inf", "100.5"])
+def test_cli_bad_max_loss(value, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_llama), str(out), f"--max-loss={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --max-loss={value}: expected points in [0, 100]"), err
+    assert_nothing_written(out)
+
+
+SEARCH_ERRORS = [
+    (["--max-loss", "5", "--search-ratios", "0,0.5"], "--search-ratios=0,0.5: expected comma-separated lazy ratios in (0, 1]"),
+    (["--max-loss", "5", "--search-ratios", "x"], "--search-ratios=x"),
+    (["--search-ratios", "0.5"], "--search-ratios and --search-length need --max-loss"),
+    (["--max-loss", "5", "--window-tokens", "64", "--search-length", "60"],
+     "--search-length=60: must exceed --sink-tokens + --window-tokens = 68"),
+    (["--max-loss", "5", "--window-tokens", "64", "--search-length", "4095"],
+     "the model's max_position_embeddings 4096"),
+]
+
+
+@pytest.mark.parametrize("args,message", SEARCH_ERRORS, ids=[e[1][:30] for e in SEARCH_ERRORS])
+def test_cli_search_errors(args, message, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_llama), str(out), *args, "--calibration-length", "160",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert_nothing_written(out)
+
+
+def test_cli_max_loss_excludes_other_selections(tiny_llama, tmp_path):
+    for other in (["--lazy-ratio", "0.5"], ["--layers", "1"], ["--preset", "x"], ["--threshold", "0.5"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["convert", str(tiny_llama), str(tmp_path / "o"), "--max-loss", "5", *other])
+        assert exc.value.code == 2
+
+
 # ------------------------------------------------------------------ engine
 
 

@@ -1,7 +1,7 @@
 """``lighttransfer`` command line: parse flags, call the pipeline, print.
 
 Usage
-    lighttransfer convert SRC OUT [--lazy-ratio R | --threshold T |
+    lighttransfer convert SRC OUT [--lazy-ratio R | --threshold T | --max-loss POINTS |
                                    --layers 1,3,5 | --preset NAME] [options]
     lighttransfer presets                       # list the published masks
     python -m vllm_lighttransfer convert ...    # same thing
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make lazy every layer whose mean score is >= this value in [0, 1]")
     how.add_argument("--layers", default=None,
                      help="explicit lazy layers, e.g. 1,3,5 (no scoring)")
+    how.add_argument("--max-loss", default=None, metavar="POINTS",
+                     help="choose the largest lazy ratio of --search-ratios whose measured loss "
+                     "(retrieval points, perplexity percent) against the unconverted model stays "
+                     "within POINTS, in [0, 100]; the report and lighttransfer_search.png show "
+                     "the whole curve")
     how.add_argument("--preset", default=None,
                      help="published mask from configs/ by name or a preset JSON path "
                      "(no scoring; see `lighttransfer presets`)")
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tokens per calibration prompt (default {DEFAULT_CAL_LENGTH})")
     conv.add_argument("--calibration-count", type=_int, default=DEFAULT_CAL_COUNT,
                       help=f"number of calibration prompts (default {DEFAULT_CAL_COUNT})")
+    conv.add_argument("--search-ratios", default=None, metavar="R1,R2,...",
+                      help="lazy ratios --max-loss measures (default 0.25,0.5,0.75)")
+    conv.add_argument("--search-length", type=_int, default=None, metavar="TOKENS",
+                      help="tokens per --max-loss probe (default sink + window + 1024)")
     conv.add_argument("--device", default="cpu", help="torch device for scoring (default cpu)")
     conv.add_argument("--dtype", default="float32",
                       choices=["float32", "bfloat16", "float16"],
@@ -120,7 +129,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         window_tokens=args.window_tokens, n_last=args.n_last, calibration=args.calibration,
         calibration_length=args.calibration_length, calibration_count=args.calibration_count,
         device=args.device, dtype=args.dtype, copy=args.copy, force=args.force,
-        progress=not args.no_progress,
+        progress=not args.no_progress, max_loss=args.max_loss, search_ratios=args.search_ratios,
+        search_length=args.search_length,
     )
 
 
@@ -180,6 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{report['lazy_layers']}")
     print(f"  sink {report['sink_tokens']}, window {report['window_tokens']}; "
           f"report: {out / 'lighttransfer_report.json'}")
+    search = report.get("quality_search")
+    if search:
+        print(f"  quality search (max loss {search['max_loss']:g}; "
+              f"{search['probes']['length']}-token probes, {search['seconds']:.0f} s):")
+        print("    lazy ratio  retrieval %  ppl increase %  KV saved %  loss")
+        for p in search["curve"]:
+            mark = "  <- chosen" if p["ratio"] == search["chosen_ratio"] else ""
+            print(f"    {p['ratio']:10.3f}  {p['retrieval']:11.1f}  {p['ppl_increase']:14.2f}"
+                  f"  {100 * p['kv_bytes_saved']:10.1f}  {p['loss']:4.1f}{mark}")
+        if search["chosen_ratio"] is None:
+            print("  no ratio fits the budget: no layer is lazy")
     print(f"serve it: vllm serve {out}")
     return 0
 

@@ -12,8 +12,9 @@ What it does
 Flow
     check options -> check OUT -> resolve SRC (dequantize a GGUF into a
     scratch folder beside OUT) -> check the model -> layers (preset |
-    explicit list | calibration + scoring + selection) -> report -> write OUT
-    atomically. Cheap checks come first, so a bad option fails in
+    explicit list | calibration + scoring + selection by ratio or threshold,
+    or by measured quality with ``max_loss``: ``convert/search.py``) ->
+    report -> write OUT atomically. Cheap checks come first, so a bad option fails in
     milliseconds, not after a model loads. Every expected failure raises
     ``LightTransferConfigError`` with a one-line message naming the flag or
     path; nothing is left in OUT.
@@ -70,6 +71,11 @@ class ConvertOptions:
     copy: bool = False
     force: bool = False
     progress: bool = True
+    # Quality-targeted selection (convert/search.py): the largest ratio of
+    # search_ratios whose measured loss stays within max_loss points.
+    max_loss: float | None = None
+    search_ratios: tuple[float, ...] | None = None
+    search_length: int | None = None
 
     @property
     def scoring(self) -> bool:
@@ -118,6 +124,13 @@ def check_options(
     from vllm_lighttransfer.convert.select import check_lazy_ratio, check_threshold
 
     o = options
+    if o.max_loss is not None and (
+        not o.scoring or o.lazy_ratio is not None or o.threshold is not None
+    ):
+        raise LightTransferConfigError(
+            "--max-loss chooses the lazy ratio itself; drop --lazy-ratio, --threshold, "
+            "--layers and --preset"
+        )
     if o.preset is not None:
         if o.sink_tokens is not None or o.window_tokens is not None:
             raise LightTransferConfigError(
@@ -129,7 +142,19 @@ def check_options(
         sink_tokens=DEFAULT_SINK if o.sink_tokens is None else o.sink_tokens,
         window_tokens=DEFAULT_WINDOW if o.window_tokens is None else o.window_tokens,
     )
-    if o.scoring:
+    if o.max_loss is not None:
+        from vllm_lighttransfer.convert import search
+
+        o = dataclasses.replace(
+            o, max_loss=search.parse_max_loss(o.max_loss),
+            search_ratios=search.parse_ratios(o.search_ratios or search.DEFAULT_RATIOS),
+        )
+        search.SearchSettings(o.max_loss, o.search_ratios, o.search_length).check(
+            o.sink_tokens, o.window_tokens, None
+        )
+    elif o.search_ratios is not None or o.search_length is not None:
+        raise LightTransferConfigError("--search-ratios and --search-length need --max-loss")
+    if o.scoring and o.max_loss is None:
         if o.threshold is not None:
             check_threshold(o.threshold)
         else:
@@ -137,10 +162,10 @@ def check_options(
                 o, lazy_ratio=DEFAULT_LAZY_RATIO if o.lazy_ratio is None else o.lazy_ratio
             )
             check_lazy_ratio(o.lazy_ratio)
-        if o.calibration_count < 1:
-            raise LightTransferConfigError(
-                f"--calibration-count={o.calibration_count}: expected an integer >= 1"
-            )
+    if o.scoring and o.calibration_count < 1:
+        raise LightTransferConfigError(
+            f"--calibration-count={o.calibration_count}: expected an integer >= 1"
+        )
     validate_scoring_settings(
         o.sink_tokens, o.window_tokens, o.n_last, o.calibration_length if o.scoring else None
     )
@@ -262,18 +287,50 @@ def score_source(
 
 
 def _scored_layers(
-    options: ConvertOptions, hf_dir: Path
-) -> tuple[list[int], dict, dict, dict, dict[str, float]]:
-    """Calibrate, score and select; returns layers, settings, scores, selection, timings."""
+    options: ConvertOptions, hf_dir: Path, config: dict[str, Any]
+) -> tuple[list[int], dict, dict, dict, dict[str, float], dict | None]:
+    """Calibrate, score and select; returns layers, settings, scores, selection,
+    timings and the quality search's report part (``max_loss`` only)."""
     from vllm_lighttransfer.convert.select import select_by_ratio, select_by_threshold
+    from vllm_lighttransfer.convert.writer import base_architecture
 
     o = options
+    model = search = None
+    seconds: dict[str, float] = {}
+    if o.max_loss is not None:
+        from vllm_lighttransfer.convert.scoring import load_model
+        from vllm_lighttransfer.convert.search import SearchSettings
+
+        search = SearchSettings(o.max_loss, o.search_ratios, o.search_length)
+        search.check(o.sink_tokens, o.window_tokens, config.get("max_position_embeddings"))
+        t0 = time.perf_counter()
+        model = load_model(str(hf_dir), dtype=o.dtype, device=o.device)  # once for both steps
+        seconds["model_load"] = time.perf_counter() - t0
     scored = score_source(
         hf_dir, o.sink_tokens, o.window_tokens, o.n_last, o.calibration,
-        o.calibration_length, o.calibration_count, o.dtype, o.device, o.progress,
+        o.calibration_length, o.calibration_count, o.dtype, o.device, o.progress, model=model,
     )
+    seconds.update(scored.seconds)
     scores, per_prompt = scored.scores, scored.per_prompt
-    if o.threshold is not None:
+    search_part = None
+    if search is not None:
+        from transformers import AutoTokenizer
+
+        from vllm_lighttransfer.convert.search import run_search
+
+        context = int(config.get("max_position_embeddings") or 0)
+        chosen, search_part = run_search(
+            model, AutoTokenizer.from_pretrained(str(hf_dir)), per_prompt,
+            base_architecture(config), o.sink_tokens, o.window_tokens, context, search,
+            progress=o.progress,
+        )
+        seconds["quality_search"] = search_part["seconds"]
+        del model
+        # The ratio chosen; with none, the smallest one's ranking, no layer lazy.
+        sel = select_by_ratio(per_prompt, chosen.ratio if chosen else search.ratios[0])
+        if chosen is None:
+            sel = dataclasses.replace(sel, lazy_layers=())
+    elif o.threshold is not None:
         sel = select_by_threshold(per_prompt, o.threshold)
     else:
         sel = select_by_ratio(per_prompt, o.lazy_ratio)
@@ -291,6 +348,9 @@ def _scored_layers(
         "dtype": o.dtype,
         "device": o.device,
     }
+    if search_part is not None:
+        settings["max_loss"] = o.max_loss
+        settings["chosen_ratio"] = search_part["chosen_ratio"]
     score_dict = {
         "mean": scores.mean,
         "std": scores.std,
@@ -298,7 +358,10 @@ def _scored_layers(
         "per_prompt": per_prompt,
         "per_head_mean": scores.per_head.mean(dim=0).tolist(),
     }
-    return list(sel.lazy_layers), settings, score_dict, sel.to_dict(), dict(scored.seconds)
+    selection = sel.to_dict()
+    if search_part is not None:
+        selection.update(rule="max_loss", max_loss=o.max_loss, lazy_ratio=search_part["chosen_ratio"])
+    return list(sel.lazy_layers), settings, score_dict, selection, seconds, search_part
 
 
 # ---------------------------------------------------------------- convert
@@ -332,7 +395,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if config.get("_name_or_path") or config.get("_model_name_or_path"):
             source["name"] = config.get("_name_or_path") or config.get("_model_name_or_path")
 
-        scores = selection = None
+        scores = selection = search = None
         if o.preset is not None:
             preset = load_preset(o.preset)
             check_preset_matches(preset, config, base)
@@ -354,7 +417,9 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 o.sink_tokens, o.window_tokens, o.n_last,
                 o.calibration_length, config.get("max_position_embeddings"),
             )
-            layers, settings, scores, selection, score_timings = _scored_layers(o, hf_dir)
+            layers, settings, scores, selection, score_timings, search = _scored_layers(
+                o, hf_dir, config
+            )
             timings.update(score_timings)
             sink, window, method = o.sink_tokens, o.window_tokens, "scored"
         if not layers:
@@ -368,6 +433,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
             scores=scores, selection=selection, timings=timings,
         )
         new_config = converted_config(config, layers, sink, window, provenance(report))
+        if search is not None:
+            report["quality_search"] = search
         extra = {REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()}
         if scores is not None:
             name = src.stem if kind == "gguf" else src.resolve().name
@@ -380,6 +447,14 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 scores["mean"], scores["std"], scores["lazy_frequency"], layers, title,
                 threshold=o.threshold,
             )
+        if search is not None:
+            from vllm_lighttransfer.convert.search import PLOT_FILE as SEARCH_PLOT, plot_search
+
+            probes = search["probes"]
+            extra[SEARCH_PLOT] = plot_search(search, (
+                f"{name}: quality against lazy ratio ({probes['length']}-token probes, "
+                f"sink {sink}, window {window}; budget {o.max_loss:g})"
+            ))
         try:
             write_converted(
                 hf_dir, out, new_config, link=not o.copy, force=o.force,
