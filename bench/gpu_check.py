@@ -502,7 +502,7 @@ def bench_plan(dry_run: bool) -> list[tuple[int, int, int, str]]:
 
 def section_bench(device: str, dry_run: bool, deadline: float) -> dict:
     tsw, _ = kernels()
-    shape = Shape() if not dry_run else Shape(heads=4, kv_heads=2, head_size=32, sink=4, window=60)
+    shape = Shape() if not dry_run else Shape("dry-run-tiny", heads=4, kv_heads=2, head_size=32, sink=4, window=60)
     measure = timer(device)
     rows = []
     for batch, context, q_len, kv in bench_plan(dry_run):
@@ -643,7 +643,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines.append("| kv | batch | context | q_len | lazy ms | paged full ms | SDPA full ms | speedup | lazy GB/s | paged full GB/s | error |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
     for r in b.get("rows", []):
         lines.append(
             f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {fmt(r.get('lazy_ms'))} "

@@ -241,8 +241,10 @@ if HAS_TRITON:
         # Request of this tile: the largest r with
         # qsl[r] // BLOCK_Q + r <= pid (tile r's first global index; the
         # "+ r" makes room for each request's partial last tile).
-        lo = 0
-        hi = num_reqs
+        # int32 tensors from the start, so the loop-carried variables keep
+        # one type even where Triton turns num_reqs == 1 into a constant.
+        lo = pid * 0
+        hi = pid * 0 + num_reqs
         while lo < hi:
             mid = (lo + hi) // 2
             if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
