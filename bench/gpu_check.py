@@ -330,9 +330,8 @@ GPU_CASES = [
 
 
 def section_correctness(device: str, dry_run: bool, deadline: float) -> dict:
-    cases = list(CASES) + [random_case(s) for s in range(4)]
-    if not dry_run:
-        cases += GPU_CASES + [random_case(s) for s in range(4, 12)]
+    # Model-sized cases first on the GPU: the budget may cut the tail.
+    cases = ([] if dry_run else list(GPU_CASES)) + list(CASES) + [random_case(s) for s in range(4 if dry_run else 12)]
     results = []
     for case in cases:
         if time.monotonic() > deadline:
@@ -445,7 +444,9 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
 
     if kv == "bf16":
         try:
-            row["sdpa_full_ms"] = bench_sdpa(measure, shape, batch, context, q_len, device, max(2, iters // 2), gen)
+            row["sdpa_full_ms"], note = bench_sdpa(measure, shape, batch, context, q_len, device, max(2, iters // 2), gen)
+            if note:
+                row["sdpa_note"] = note
             row["sdpa_full_GBps"] = batch * context * kv_bytes_token / (row["sdpa_full_ms"] * 1e-3) / 1e9
         except Exception as exc:
             row["sdpa_error"] = repr(exc)[:200]
@@ -473,7 +474,16 @@ def bench_sdpa(measure, shape: Shape, batch: int, context: int, q_len: int, devi
     def fn():
         with sdpa_kernel(backends):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return measure(fn, iters)
+    try:
+        return measure(fn, iters), ""
+    except Exception as exc:
+        if mask is None:
+            raise
+        # No fused kernel for the lower-right causal mask with GQA here: time
+        # the chunk without the mask (it then reads every key for every
+        # query: an upper bound, within 2048 / context of the causal cost).
+        mask = None
+        return measure(fn, iters), f"SDPA without causal mask (upper bound): {exc!r}"[:200]
 
 
 def bench_plan(dry_run: bool) -> list[tuple[int, int, int, str]]:
@@ -524,28 +534,38 @@ def section_bench(device: str, dry_run: bool, deadline: float) -> dict:
 # --------------------------------------------------------------------------
 
 def section_cuda_graph(device: str, dry_run: bool) -> dict:
-    if device != "cuda":
-        return {"skipped": "no CUDA device (dry run): CUDA graphs need a GPU"}
+    """On CUDA: capture and replay. In a CPU dry run: the same persistent-buffer
+    steps run eagerly (no graph), to exercise the step logic and its reference check."""
     tsw, _ = kernels()
     results = []
     for kv in ("bf16", "fp8"):
         try:
-            results.append(graph_check(tsw, kv))
+            results.append(graph_check(tsw, kv, device, dry_run))
         except Exception as exc:
             results.append({"kv": kv, "ok": False, "error": repr(exc)[:300], "trace": traceback.format_exc()[-800:]})
-    return {"results": results, "all_ok": all(r.get("ok") for r in results)}
+    out = {"results": results, "all_ok": all(r.get("ok") for r in results)}
+    if device != "cuda":
+        out["note"] = "no CUDA device (dry run): steps ran eagerly, nothing was captured"
+    return out
 
 
-def graph_check(tsw, kv: str) -> dict:
-    """Capture KV write + kernel for a padded decode batch; replay across steps; compare to eager."""
-    device = "cuda"
-    shape = Shape()
+def graph_check(tsw, kv: str, device: str = "cuda", dry_run: bool = False) -> dict:
+    """Capture KV write + kernel for a padded decode batch; replay across steps; compare to eager.
+
+    Each step writes one new token per request and attends; ``seq_lens``,
+    the slots, the query and the new keys change in place between replays.
+    The graph's output must equal eager's bit for bit, and the last step's
+    output must match the reference on the (dequantized) cache.
+    """
+    capture = device == "cuda"
+    shape = Shape() if not dry_run else Shape("dry-run-tiny", heads=4, kv_heads=2, head_size=32, sink=4, window=60)
     H, Hkv, D, B = shape.heads, shape.kv_heads, shape.head_size, shape.block_size
     real, padded = 6, 8  # vLLM pads the batch to a captured size
-    max_ctx = 4096
+    lo_len, hi_len, jump, steps = (1000, 3000, 37, 5) if not dry_run else (50, 150, 9, 2)
+    max_ctx = hi_len + jump * steps + B
     cache_dtype = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
-    nb = max_ctx // B
+    nb = -(-max_ctx // B)
     num_blocks = 1 + real * nb
     cache = torch.zeros(num_blocks, Hkv, B, 2 * D, dtype=cache_dtype, device=device)
     table = torch.zeros(padded, nb, dtype=torch.int32)
@@ -553,14 +573,15 @@ def graph_check(tsw, kv: str) -> dict:
     table = table.to(device)
     ks = torch.tensor([0.05], device=device)
     vs = torch.tensor([0.05], device=device)
-    # Prefill history: 1000..3000 tokens per request, written eagerly.
-    lens = torch.randint(1000, 3000, (real,), generator=gen)
+    # Prompt history, written eagerly.
+    lens = torch.randint(lo_len, hi_len, (real,), generator=gen)
     for r in range(real):
-        s = int(lens[r])
-        pos = torch.arange(s)
+        n = int(lens[r])
+        pos = torch.arange(n)
         slots = (table[r].cpu()[pos // B].long() * B + pos % B).to(device)
-        k = torch.randn(s, Hkv, D, generator=gen).to(torch.bfloat16).to(device)
-        tsw.write_kv_quantized(cache, k, torch.randn_like(k), slots, ks, vs)
+        k = torch.randn(n, Hkv, D, generator=gen).to(torch.bfloat16).to(device)
+        v = torch.randn(n, Hkv, D, generator=gen).to(torch.bfloat16).to(device)
+        tsw.write_kv_quantized(cache, k, v, slots, ks, vs)
     # Persistent buffers of the captured step.
     query = torch.zeros(padded, H, D, dtype=torch.bfloat16, device=device)
     new_k = torch.zeros(padded, Hkv, D, dtype=torch.bfloat16, device=device)
@@ -569,11 +590,12 @@ def graph_check(tsw, kv: str) -> dict:
     qsl = torch.tensor(list(range(real + 1)) + [real] * (padded - real), dtype=torch.int32, device=device)
     seq_lens = torch.zeros(padded, dtype=torch.int32, device=device)
     out = torch.zeros(padded, H, D, dtype=torch.bfloat16, device=device)
+    scale = D ** -0.5
 
     def step(o):
         tsw.write_kv_quantized(cache, new_k, new_v, slot_mapping, ks, vs)
         tsw.sink_window_attention_triton(query, cache, qsl, seq_lens, table, B, shape.sink, shape.window,
-                                         D ** -0.5, o, 1, padded, ks, vs)
+                                         scale, o, 1, padded, ks, vs)
 
     def fill(step_idx: int):
         pos = lens + step_idx  # position of this step's token
@@ -585,33 +607,57 @@ def graph_check(tsw, kv: str) -> dict:
         new_v.copy_(torch.randn(padded, Hkv, D, generator=gen).to(torch.bfloat16))
 
     fill(0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step(out)  # warm-up: compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(out)
-    max_diff, steps = 0.0, 5
+    if capture:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(out)  # warm-up: compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(out)
+        replay = graph.replay
+    else:
+        replay = lambda: step(out)  # noqa: E731
+
+    def sync():
+        if capture:
+            torch.cuda.synchronize()
+
+    max_diff = 0.0
     eager_out = torch.zeros_like(out)
     for i in range(1, steps + 1):
-        fill(i * 37)  # jump ahead: contexts grow across block edges
-        graph.replay()
-        torch.cuda.synchronize()
+        fill(i * jump)  # jump ahead: contexts grow across block edges
+        replay()
+        sync()
         graph_out = out[:real].clone()
         # Eager on the same inputs (the write is idempotent: same slots, same values).
         step(eager_out)
-        torch.cuda.synchronize()
+        sync()
         max_diff = max(max_diff, float((graph_out.float() - eager_out[:real].float()).abs().max()))
-    finite = bool(torch.isfinite(out[:real]).all())
-    # Replay cost of the captured step (write + attention).
-    measure = timer("cuda")
-    replay_ms = measure(graph.replay, 50)
-    eager_ms = measure(lambda: step(eager_out), 50)
-    return {"kv": kv, "ok": max_diff == 0.0 and finite, "max_abs_diff_graph_vs_eager": max_diff,
-            "steps": steps, "replay_ms": replay_ms, "eager_ms": eager_ms, "batch": f"{real} real / {padded} padded"}
+    finite = bool(torch.isfinite(out[:real].float()).all())
+    # The last step against the reference, on the cache as the kernel reads it.
+    ref_err = 0.0
+    host_table = table.cpu()
+    for r in range(real):
+        n = int(seq_lens[r])
+        pos = torch.arange(n)
+        rows = cache[host_table[r, pos // B].long().to(device), :, (pos % B).to(device)].float().cpu()
+        k, v = rows[..., :D], rows[..., D:]
+        if kv == "fp8":
+            k, v = k * ks.cpu(), v * vs.cpu()
+        ref = reference_attention(query[r : r + 1].float().cpu(), k, v, torch.tensor([n - 1]), pos, scale,
+                                  shape.sink, shape.window)
+        ref_err = max(ref_err, float((out[r : r + 1].float().cpu() - ref).abs().max()))
+    result = {"kv": kv, "captured": capture, "ok": max_diff == 0.0 and finite and ref_err <= TOLERANCE["bfloat16"],
+              "max_abs_diff_graph_vs_eager": max_diff, "max_err_reference": ref_err,
+              "steps": steps, "batch": f"{real} real / {padded} padded"}
+    if capture:
+        measure = timer("cuda")
+        result["replay_ms"] = measure(graph.replay, 50)  # write + attention
+        result["eager_ms"] = measure(lambda: step(eager_out), 50)
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -648,15 +694,17 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {fmt(r.get('lazy_ms'))} "
             f"| {fmt(r.get('paged_full_ms'))} | {fmt(r.get('sdpa_full_ms'))} | {fmt(r.get('speedup_vs_full'))} "
-            f"| {fmt(r.get('lazy_GBps'))} | {fmt(r.get('paged_full_GBps'))} | {r.get('error', r.get('sdpa_error', ''))} |")
+            f"| {fmt(r.get('lazy_GBps'))} | {fmt(r.get('paged_full_GBps'))} | {r.get('error', r.get('sdpa_error', r.get('sdpa_note', '')))} |")
     if "error" in b:
         lines.append(f"\nSection error: {b['error']}")
     g = report.get("cuda_graph", {})
     lines += ["", "## (c) CUDA graph: decode step (KV write + kernel) captured, replayed, vs eager", ""]
-    if "skipped" in g:
-        lines.append(f"Skipped: {g['skipped']}")
+    if "note" in g:
+        lines.append(f"Note: {g['note']}")
     for r in g.get("results", []):
-        lines.append(f"- {r.get('kv')}: ok={r.get('ok')} max|graph-eager|={r.get('max_abs_diff_graph_vs_eager')} "
+        lines.append(f"- {r.get('kv')}: ok={r.get('ok')} captured={r.get('captured')} "
+                     f"max|graph-eager|={r.get('max_abs_diff_graph_vs_eager')} "
+                     f"max err vs reference={r.get('max_err_reference')} "
                      f"replay {fmt(r.get('replay_ms'))} ms, eager {fmt(r.get('eager_ms'))} ms, "
                      f"{r.get('batch', '')} {r.get('error', '')}")
     if "error" in g:
