@@ -312,7 +312,12 @@ class LightTransferConfigCheck:
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
         cfg = LightTransferConfig.from_hf_config(model_config.hf_config)
-        for arch in getattr(model_config.hf_config, "architectures", None) or []:
+        archs = getattr(model_config.hf_config, "architectures", None) or []
+        if not isinstance(archs, (list, tuple)):
+            raise LightTransferConfigError(
+                f"architectures={archs!r}: expected a list of architecture names"
+            )
+        for arch in archs:
             cfg.check_architecture(arch)
 
     @staticmethod
