@@ -188,7 +188,8 @@ def test_engine_killed_under_load_then_restart(model, tmp_path):
             results += f.result(timeout=ERROR_BOUND_S + 90)
         leftovers = wait_gone(tree, 30)
         print(f"SIGTERM: exit code {code} after {exit_s:.1f} s; {len(tree)} processes in the tree, "
-              f"left: {leftovers}")
+              f"left: {leftovers}; statuses (status, stream error, no answer) "
+              f"{sorted({(r.status, bool(r.stream_error), bool(r.error)) for r in results}, key=str)}")
         assert not any(r.hung for r in results)
         assert leftovers == []
         assert not [p for p in psutil.process_iter(["cmdline"])
