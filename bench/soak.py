@@ -671,6 +671,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Requests by kind: {kinds}.",
+        "Server RSS by process, MiB after warm-up -> end: "
+        + ", ".join(f"{k} {a:.0f} -> {b:.0f}" for k, (a, b) in report["rss_by_process_mib"].items())
+        + "; whole tree every 30 s (s since start, MiB): "
+        + ", ".join(f"{t} s {m}" for t, m in report["rss_series_mib"]) + ".",
         f"Server: `{' '.join(report['server_argv'])}` (through scripts/serve_default.sh), "
         f"VLLM_CPU_KVCACHE_SPACE={report['kv_space']}.",
         f"Probes compared with: {report['probe_reference']}.",
