@@ -43,3 +43,8 @@ fi
 "${PIP[@]}" install -q "gguf>=0.10" "accelerate>=1.0"
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, vllm_lighttransfer; print('vllm', vllm.__version__, '+ vllm-lighttransfer', vllm_lighttransfer.__version__)"
+# Build the lazy layers' C++ CPU kernel now (about a minute, once per
+# machine, cached under ~/.cache/torch_extensions) rather than in the first
+# engine that needs it. A machine without a compiler still works: the
+# backend then runs the plain-PyTorch path and says so in its log.
+.venv/bin/python -c "from vllm_lighttransfer.attention import cpu_kernel as k; print('CPU kernel:', 'built' if k.available() else f'not available ({k._load()}), plain-PyTorch path')"

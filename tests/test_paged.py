@@ -7,8 +7,32 @@ import random
 import pytest
 import torch
 
+import os
+
+from vllm_lighttransfer.attention import cpu_kernel
 from vllm_lighttransfer.attention.paged import plan_sink_window, sink_window_attention, write_kv
 from vllm_lighttransfer.reference import reference_attention, sink_window_mask
+
+# Every kernel path against the reference: the plain-PyTorch path (the
+# fallback) and the C++ CPU op (what the backend runs on CPU).
+PATHS = ["torch", "cpu"]
+
+
+def attend(path, query, cache, qsl, seq_lens, table, block_size, sink, window, scale, out, tile=64):
+    """One step's lazy-layer attention through ``path``; writes ``out``."""
+    qsl = torch.as_tensor(qsl, dtype=torch.int32)
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32)
+    if path == "cpu":
+        if not cpu_kernel.available():
+            if os.environ.get(cpu_kernel.ENV_SWITCH) == "0":
+                pytest.skip(f"{cpu_kernel.ENV_SWITCH}=0")
+            pytest.fail(f"the C++ CPU kernel did not build: {cpu_kernel._load()}")
+        return cpu_kernel.cpu_sink_window_attention(
+            query, cache, qsl, seq_lens, table, sink, window, scale, out, tile=tile)
+    q_lens = (qsl[1:] - qsl[:-1]).tolist()
+    plan = plan_sink_window(qsl, seq_lens, table, block_size, sink, window, max(q_lens),
+                            int(seq_lens.max()), cache.shape[1], query.shape[1] // cache.shape[1], tile=tile)
+    return sink_window_attention(query, cache, plan, scale, out)
 
 
 def test_mask_rule_by_hand():
@@ -40,11 +64,12 @@ def _paged_batch(rng, seq_lens, num_kv_heads, head_size, block_size, dtype):
     return cache, table, keys, values
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", range(12))
-def test_paged_equals_reference(seed):
+def test_paged_equals_reference(seed, path):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    heads, kv_heads, head_size = rng.choice([(4, 2, 16), (6, 3, 8), (2, 2, 32)])
+    heads, kv_heads, head_size = rng.choice([(4, 2, 16), (6, 3, 8), (2, 2, 32), (9, 3, 64), (8, 2, 128)])
     block_size = rng.choice([4, 16, 32])
     sink = rng.choice([0, 1, 3, 5, 17])
     window = rng.choice([1, 2, 7, 32, 45, 1000])
@@ -52,24 +77,24 @@ def test_paged_equals_reference(seed):
     # Mixed batch: decodes (1 query), chunks and whole prompts.
     q_lens = [rng.choice([1, s, rng.randint(1, s)]) for s in seq_lens]
     cache, table, keys, values = _paged_batch(rng, seq_lens, kv_heads, head_size, block_size, torch.float32)
+    cache[0] = float("nan")  # the null block: never read
 
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
     query = torch.randn(int(qsl[-1]), heads, head_size)
-    plan = plan_sink_window(
-        qsl, torch.tensor(seq_lens), table, block_size, sink, window,
-        max(q_lens), max(seq_lens), kv_heads, heads // kv_heads, tile=rng.choice([1, 8, 64]),
-    )
-    out = torch.full_like(query, float("nan"))
-    sink_window_attention(query, cache, plan, 0.3, out)
+    out = torch.full((int(qsl[-1]) + 2, heads, head_size), 7.0)  # padded rows stay untouched
+    attend(path, query, cache, qsl, seq_lens, table, block_size, sink, window, 0.3, out,
+           tile=rng.choice([1, 8, 64]))
     for r, (s, q) in enumerate(zip(seq_lens, q_lens)):
         ref = reference_attention(
             query[qsl[r] : qsl[r + 1]], keys[r], values[r],
             torch.arange(s - q, s), torch.arange(s), 0.3, sink, window,
         )
         torch.testing.assert_close(out[qsl[r] : qsl[r + 1]], ref, atol=2e-5, rtol=1e-5)
+    assert (out[int(qsl[-1]):] == 7.0).all()
 
 
-def test_freed_blocks_are_never_read():
+@pytest.mark.parametrize("path", PATHS)
+def test_freed_blocks_are_never_read(path):
     """Blocks between the sinks and the window may hold NaN (recycled): no effect."""
     torch.manual_seed(0)
     block_size, sink, window, seq = 8, 3, 10, 64
@@ -80,20 +105,40 @@ def test_freed_blocks_are_never_read():
         table[0, b] = 0
     cache[0] = float("nan")  # the null block
     query = torch.randn(1, 4, 16)
-    plan = plan_sink_window(torch.tensor([0, 1]), torch.tensor([seq]), table, block_size, sink, window, 1, seq, 2, 2)
     out = torch.zeros_like(query)
-    sink_window_attention(query, cache, plan, 0.25, out)
+    attend(path, query, cache, [0, 1], [seq], table, block_size, sink, window, 0.25, out)
     ref = reference_attention(query, keys[0], values[0], torch.tensor([seq - 1]), torch.arange(seq), 0.25, sink, window)
     torch.testing.assert_close(out, ref)
 
 
-def test_bfloat16_within_tolerance():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_size", [32, 64])
+def test_bfloat16_within_tolerance(path, head_size):
     torch.manual_seed(1)
-    cache, table, keys, values = _paged_batch(random.Random(1), [90, 40], 2, 32, 16, torch.bfloat16)
-    qsl = torch.tensor([0, 90, 91])
-    query = torch.randn(91, 4, 32).to(torch.bfloat16)
-    plan = plan_sink_window(qsl, torch.tensor([90, 40]), table, 16, 4, 20, 90, 90, 2, 2)
+    cache, table, keys, values = _paged_batch(random.Random(1), [90, 40], 2, head_size, 16, torch.bfloat16)
+    query = torch.randn(91, 4, head_size).to(torch.bfloat16)
     out = torch.zeros_like(query)
-    sink_window_attention(query, cache, plan, 0.2, out)
+    attend(path, query, cache, [0, 90, 91], [90, 40], table, 16, 4, 20, 0.2, out)
     ref = reference_attention(query[:90].float(), keys[0].float(), values[0].float(), torch.arange(90), torch.arange(90), 0.2, 4, 20)
     torch.testing.assert_close(out[:90].float(), ref, atol=2e-2, rtol=2e-2)
+    ref = reference_attention(query[90:].float(), keys[1].float(), values[1].float(), torch.tensor([39]), torch.arange(40), 0.2, 4, 20)
+    torch.testing.assert_close(out[90:].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_kernel_reads_strided_views():
+    """vLLM hands the layer a query sliced out of the fused QKV projection and a
+    cache that may be a strided view: the op must follow the strides."""
+    torch.manual_seed(2)
+    heads, kv_heads, d, bs = 6, 2, 32, 16
+    seq_lens, q_lens = [70, 33], [70, 1]
+    cache, table, keys, values = _paged_batch(random.Random(2), seq_lens, kv_heads, d, bs, torch.float32)
+    # The same cache with another memory order: [blocks, bs, Hkv, 2D] permuted back.
+    strided = cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert not strided.is_contiguous()
+    qkv = torch.randn(71, (heads + 2 * kv_heads) * d)
+    query = qkv[:, : heads * d].view(71, heads, d)  # row stride (H + 2 Hkv) * D
+    expected = torch.zeros(71, heads, d)
+    attend("torch", query.contiguous(), cache, [0, 70, 71], seq_lens, table, bs, 3, 25, 0.2, expected)
+    out = torch.zeros(71, heads, d)
+    attend("cpu", query, strided, [0, 70, 71], seq_lens, table, bs, 3, 25, 0.2, out)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)

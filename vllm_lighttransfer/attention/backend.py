@@ -3,19 +3,30 @@
 What it does
     ``SinkWindowAttentionBackend`` is registered with vLLM under
     ``LIGHTTRANSFER_SINK_WINDOW``. Its metadata builder runs once per step for
-    the lazy KV cache group and turns the group's own block table into a
-    ``SinkWindowPlan`` (``paged.py``); every lazy layer's ``forward`` then reads
-    only sink and window slots through that plan. Prefill, chunked prefill,
-    decode and mixed batches go through the same batched code path.
+    the lazy KV cache group and hands every lazy layer the group's own block
+    table, query offsets and sequence lengths; each layer then reads only sink
+    and window slots. Prefill, chunked prefill, decode and mixed batches go
+    through the same call. Three kernels, picked once per builder:
+
+    * CPU: ``cpu_kernel`` (a C++ op built on first use) reads the paged cache
+      in place; as fast as or faster than vLLM's own CPU sliding-window
+      kernel over the same keys (``bench/kernel_bench.py``).
+    * CUDA: ``triton_sink_window`` (a Triton kernel, in place, CUDA-graph
+      safe, FP8 KV cache).
+    * Anything else, or where the above cannot run (no compiler, no Triton,
+      ``LIGHTTRANSFER_CPU_KERNEL=0``): ``paged.py``, plain PyTorch, the path
+      every other one is tested against.
 
     ``SinkWindowAttention`` is vLLM's ``Attention`` layer with this backend and
     a ``SinkWindowSpec`` as its KV cache spec, so vLLM puts lazy layers in their
     own KV cache group with its own block tables.
 
 Constraints
-    KV cache dtype ``auto`` (the model dtype); decoder self-attention only.
-    Plain PyTorch, so it runs wherever torch runs (CPU in CI, CUDA tensors on
-    a GPU); no CUDA graphs (``AttentionCGSupport.NEVER``).
+    Decoder self-attention only. KV cache dtype ``auto`` (the model dtype);
+    ``fp8`` too on CUDA (Triton path, vLLM's per-layer scales). CUDA graphs:
+    declared ``UNIFORM_SINGLE_TOKEN_DECODE`` on CUDA with Triton (decode
+    batches are captured; the metadata is slices of vLLM's persistent
+    buffers and the kernel never syncs with the host), ``NEVER`` elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -37,6 +49,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec, get_kv_quant_mode
 
+from vllm_lighttransfer.attention import cpu_kernel
 from vllm_lighttransfer.attention.paged import (
     SinkWindowPlan,
     plan_sink_window,
@@ -56,7 +69,8 @@ class SinkWindowAttentionBackend(AttentionBackend):
         torch.bfloat16,
         torch.float32,
     ]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    # fp8 only on CUDA (Triton path); SinkWindowAttention refuses it elsewhere.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "fp8", "fp8_e4m3"]
 
     @staticmethod
     def get_name() -> str:
@@ -91,13 +105,66 @@ class SinkWindowAttentionBackend(AttentionBackend):
         return SinkWindowMetadataBuilder
 
 
+# Which kernel a builder's layers run (see the module docstring).
+PATH_CPU = "cpu"
+PATH_TRITON = "triton"
+PATH_TORCH = "torch"
+
+
+def select_path(device: torch.device) -> str:
+    if device.type == "cpu" and cpu_kernel.available():
+        return PATH_CPU
+    if device.type == "cuda":
+        from vllm_lighttransfer.attention import triton_sink_window  # imports triton: CUDA only
+
+        if triton_sink_window.HAS_TRITON:
+            return PATH_TRITON
+    return PATH_TORCH
+
+
 @dataclass
 class SinkWindowMetadata:
     num_actual_tokens: int
-    plan: SinkWindowPlan
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    seq_lens: torch.Tensor  # [R] int32
+    block_table: torch.Tensor  # [R, max_blocks] int32
+    path: str
+    # The plain-PyTorch path's plan: built by the builder for that path, or
+    # on first use by a layer the fast path cannot take, then shared.
+    plan: SinkWindowPlan | None = None
+
+
+def plan_for(
+    meta: SinkWindowMetadata, block_size: int, sink_tokens: int, window_tokens: int,
+    num_kv_heads: int, num_queries_per_kv: int,
+) -> SinkWindowPlan:
+    """The plain-PyTorch path's plan for a step (shared by every lazy layer)."""
+    return plan_sink_window(
+        query_start_loc=meta.query_start_loc,
+        seq_lens=meta.seq_lens,
+        block_table=meta.block_table,
+        block_size=block_size,
+        sink_tokens=sink_tokens,
+        window_tokens=window_tokens,
+        max_query_len=meta.max_query_len,
+        max_seq_len=meta.max_seq_len,
+        num_kv_heads=num_kv_heads,
+        num_queries_per_kv=num_queries_per_kv,
+    )
 
 
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: KVCacheSpec) -> AttentionCGSupport:
+        # Decode batches only until a GPU run has shown mixed batches under
+        # FULL graphs too (the kernel's grid would allow them).
+        if select_path(torch.device(vllm_config.device_config.device_type)) == PATH_TRITON:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
+
     def __init__(
         self,
         kv_cache_spec: AttentionSpec,
@@ -124,6 +191,7 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
         self.sink_tokens, self.window_tokens, self.num_queries_per_kv = settings.pop()
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.path = select_path(device)
 
     def build(
         self,
@@ -133,19 +201,23 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
     ) -> SinkWindowMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        plan = plan_sink_window(
+        meta = SinkWindowMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            num_reqs=num_reqs,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            # Slices of vLLM's persistent buffers, no copies (CUDA graphs).
             query_start_loc=cm.query_start_loc[: num_reqs + 1],
             seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs],
-            block_size=self.block_size,
-            sink_tokens=self.sink_tokens,
-            window_tokens=self.window_tokens,
-            max_query_len=cm.max_query_len,
-            max_seq_len=cm.max_seq_len,
-            num_kv_heads=self.num_kv_heads,
-            num_queries_per_kv=self.num_queries_per_kv,
+            path=self.path,
         )
-        return SinkWindowMetadata(num_actual_tokens=cm.num_actual_tokens, plan=plan)
+        if self.path == PATH_TORCH:
+            meta.plan = plan_for(
+                meta, self.block_size, self.sink_tokens, self.window_tokens,
+                self.num_kv_heads, self.num_queries_per_kv,
+            )
+        return meta
 
 
 class SinkWindowAttentionImpl(AttentionImpl[SinkWindowMetadata]):
@@ -198,8 +270,36 @@ class SinkWindowAttentionImpl(AttentionImpl[SinkWindowMetadata]):
             raise NotImplementedError(f"{BACKEND_NAME} has no fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        n = attn_metadata.num_actual_tokens
-        return sink_window_attention(query[:n], kv_cache, attn_metadata.plan, self.scale, output)
+        meta = attn_metadata
+        n = meta.num_actual_tokens
+        if meta.path == PATH_CPU and cpu_kernel.supports(query, kv_cache):
+            return cpu_kernel.cpu_sink_window_attention(
+                query[:n], kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
+                self.sink_tokens, self.window_tokens, self.scale, output,
+            )
+        if meta.path == PATH_TRITON:
+            from vllm_lighttransfer.attention import triton_sink_window
+
+            # The whole (padded) query: rows past query_start_loc[num_reqs]
+            # are left as they are; the grid depends on host ints only.
+            return triton_sink_window.sink_window_attention_triton(
+                query, self._cache_view(kv_cache), meta.query_start_loc, meta.seq_lens,
+                meta.block_table, kv_cache.shape[2], self.sink_tokens, self.window_tokens,
+                self.scale, output, meta.max_query_len, meta.num_reqs,
+                k_scale=getattr(layer, "_k_scale", None), v_scale=getattr(layer, "_v_scale", None),
+            )
+        if meta.plan is None:
+            meta.plan = plan_for(
+                meta, kv_cache.shape[2], self.sink_tokens, self.window_tokens,
+                self.num_kv_heads, self.num_heads // self.num_kv_heads,
+            )
+        return sink_window_attention(query[:n], kv_cache, meta.plan, self.scale, output)
+
+    def _cache_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        # vLLM allocates an fp8 cache as uint8; the kernel reads float8_e4m3fn.
+        if self.kv_cache_dtype.startswith("fp8") and kv_cache.dtype == torch.uint8:
+            return kv_cache.view(torch.float8_e4m3fn)
+        return kv_cache
 
     def do_kv_cache_update(
         self,
@@ -209,7 +309,15 @@ class SinkWindowAttentionImpl(AttentionImpl[SinkWindowMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        write_kv(kv_cache, key, value, slot_mapping)
+        if self.kv_cache_dtype.startswith("fp8"):
+            from vllm_lighttransfer.attention import triton_sink_window
+
+            triton_sink_window.write_kv_quantized(
+                self._cache_view(kv_cache), key, value, slot_mapping,
+                getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None),
+            )
+        else:
+            write_kv(kv_cache, key, value, slot_mapping)
 
 
 class SinkWindowAttention(Attention):
@@ -228,11 +336,15 @@ class SinkWindowAttention(Attention):
         quant_config=None,
         prefix: str = "",
     ) -> None:
-        if cache_config is not None and cache_config.cache_dtype not in ("auto",):
-            raise ValueError(
-                f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported by "
-                "LightTransfer lazy layers; allowed: 'auto'"
-            )
+        if cache_config is not None and cache_config.cache_dtype != "auto":
+            from vllm.platforms import current_platform
+
+            allowed = ("auto",) if not current_platform.is_cuda() else ("auto", "fp8", "fp8_e4m3")
+            if cache_config.cache_dtype not in allowed:
+                raise ValueError(
+                    f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported by "
+                    f"LightTransfer lazy layers on this platform; allowed: {', '.join(map(repr, allowed))}"
+                )
         super().__init__(
             num_heads,
             head_size,

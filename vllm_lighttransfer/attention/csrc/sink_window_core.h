@@ -1,0 +1,430 @@
+// Sink + window attention over the paged KV cache, on CPU: the kernel core.
+//
+// What it does
+//   run_items() computes a lazy layer's attention for a range of work
+//   items; an item is (request, query tile, KV head). Each reads only the
+//   key chunks it may attend to, the sink range [0, min(sink, t_last + 1))
+//   and the window range [max(sink, t_first - window + 1), t_last], block
+//   by block through the block table, straight from the cache (no gathered
+//   copy). Online softmax in float32; the query heads of one KV head are
+//   folded into the rows of the item.
+//
+// Semantics
+//   Query at position t attends key k iff k <= t and (k < sink or
+//   k > t - window). The sink range and the window range never overlap, so
+//   no key is counted twice; inside a chunk a row's allowed keys are one
+//   interval [lo, hi). Keys outside both ranges are never loaded, so freed
+//   (null) blocks, which may hold anything, are never read.
+//
+// Layout
+//   kv_cache [num_blocks, num_kv_heads, block_size, 2 * head_size], any
+//   strides but a contiguous last dimension: key in [..., :D], value in
+//   [..., D:], as paged.py's write_kv stores them.
+//
+// Cost
+//   A tile of Q queries reads sink + window + Q - 1 keys once for all its
+//   Q x (heads per KV head) rows. Scores: with many rows (prefill), a key
+//   chunk is transposed once and every row is a broadcast-FMA over 32 keys;
+//   with few rows (decode), dot products straight from the key rows.
+//   P @ V: four rows at a time, accumulators in registers. exp: a
+//   polynomial on whole vectors (libm's scalar exp dominated otherwise).
+//
+// Portability
+//   Plain C++ with GCC/Clang vector extensions (16 floats): the compiler
+//   lowers them to AVX-512, AVX2 (two halves) or NEON, whatever -march
+//   allows. No torch headers: the torch binding (sink_window_cpu.cpp)
+//   includes this file; so can a stand-alone harness.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lt {
+
+// One native vector: 16 floats with AVX-512, else 8 (AVX2, NEON pairs...).
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+constexpr int KC = 32;            // keys per chunk
+constexpr int NK = KC / VL;       // vectors per chunk row
+constexpr float NEG = -1.0e30f;   // a masked score: finite (-ffast-math assumes no inf)
+
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f(f16 x) { return static_cast<float>(*reinterpret_cast<const _Float16*>(&x.bits)); }
+
+inline void from_f(float v, float* d) { *d = v; }
+inline void from_f(float v, bf16* d) {
+  // Round to nearest even, as torch does.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
+    d->bits = static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  d->bits = static_cast<uint16_t>(u >> 16);
+}
+inline void from_f(float v, f16* d) {
+  _Float16 h = static_cast<_Float16>(v);
+  std::memcpy(&d->bits, &h, 2);
+}
+
+template <typename T>
+inline void load_row(const T* __restrict src, float* __restrict dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+template <>
+inline void load_row<bf16>(const bf16* __restrict src, float* __restrict dst, int n) {
+  // bfloat16 is the top half of a float32: a shift the compiler vectorises.
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+  for (int i = 0; i < n; ++i) o[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef _Float16 vhf __attribute__((vector_size(VL * 2)));
+
+// One vector of VL elements of the cache's dtype, as floats.
+inline vf vload_cvt(const float* p) { return vload(p); }
+inline vf vload_cvt(const bf16* p) {
+#if defined(__AVX512F__)
+  // Two instructions: widen to 32 bits, shift into the high half.
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  vf f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+#elif defined(__AVX2__)
+  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  vf f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+#else
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+inline vf vload_cvt(const f16* p) {
+  vhf h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf);
+}
+
+inline vf vsplat(float x) { return vf{} + x; }
+inline float vsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(x) for x <= 0 (scores minus their running max), whole vectors:
+// 2^n * 2^f with |f| <= 1/2 and 2^f by its degree-6 Taylor polynomial
+// (relative error below 2e-7); inputs below -87 give about 1e-38.
+inline vf vexp(vf x) {
+  x = vmax(x, vsplat(-87.0f));
+  const vf y = x * 1.44269504088896341f;
+  const vi n = __builtin_convertvector(y - 0.5f, vi);  // toward zero: round for y <= 0
+  const vf f = y - __builtin_convertvector(n, vf);
+  vf p = vsplat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline float sexp(float x) { return vexp(vsplat(x))[0]; }
+
+struct Params {
+  const void* query;    // [T, H, D]
+  int64_t q_s0, q_s1;   // strides (elements)
+  const void* kv;       // [NB, Hkv, BS, 2D]
+  int64_t kv_sb, kv_sh, kv_ss;
+  void* out;            // [>= T, H, D]
+  int64_t o_s0, o_s1;
+  const int32_t* qsl;   // [R + 1]
+  const int32_t* seq_lens;  // [R]
+  const int32_t* table;     // [R, max_blocks]
+  int64_t table_stride;
+  int num_reqs, num_heads, num_kv_heads, head_size, block_size;
+  int64_t sink, window;
+  float scale;
+  int tile;
+};
+
+struct Item {
+  int32_t req, j0, j1, head;
+};
+
+inline std::vector<Item> make_items(const Params& p) {
+  std::vector<Item> items;
+  for (int r = 0; r < p.num_reqs; ++r) {
+    const int q_len = p.qsl[r + 1] - p.qsl[r];
+    for (int j0 = 0; j0 < q_len; j0 += p.tile) {
+      const int j1 = std::min(q_len, j0 + p.tile);
+      for (int h = 0; h < p.num_kv_heads; ++h) items.push_back({r, j0, j1, h});
+    }
+  }
+  return items;
+}
+
+// Scratch reused across the items of one thread.
+struct Scratch {
+  std::vector<float> qf, acc, kt, kr, vb, s, m, l;
+  std::vector<int64_t> tpos;
+};
+
+// D: head size when it is a multiple of 16 (vector path); 0: any head size
+// (scalar loops, same algorithm).
+template <typename T, int D>
+void run_item(const Params& p, const Item& it, Scratch& w) {
+  const int hs = D > 0 ? D : p.head_size;
+  constexpr int NV = D / VL;  // vectors per row (vector path)
+  const int group = p.num_heads / p.num_kv_heads;
+  const int r = it.req, h = it.head;
+  const int q_len = p.qsl[r + 1] - p.qsl[r];
+  const int64_t ctx = static_cast<int64_t>(p.seq_lens[r]) - q_len;
+  const int nq = it.j1 - it.j0;
+  const int rows = nq * group;
+  const int rows_pad = (rows + 7) / 8 * 8;  // row blocks of 4 and 8 never run past it
+  const int64_t t_first = ctx + it.j0, t_last = ctx + it.j1 - 1;
+  const T* q_base = static_cast<const T*>(p.query);
+  const T* kv_base = static_cast<const T*>(p.kv);
+  T* o_base = static_cast<T*>(p.out);
+
+  w.qf.assign(static_cast<size_t>(rows_pad) * hs, 0.f);
+  w.acc.assign(static_cast<size_t>(rows_pad) * hs, 0.f);
+  w.m.assign(rows_pad, NEG);
+  w.l.assign(rows_pad, 0.f);
+  w.s.assign(static_cast<size_t>(rows_pad) * KC, 0.f);
+  w.tpos.assign(rows_pad, -1);
+  w.kt.resize(static_cast<size_t>(hs) * KC);
+  w.kr.resize(static_cast<size_t>(hs) * KC);
+  w.vb.resize(static_cast<size_t>(hs) * KC);
+  for (int jj = 0; jj < nq; ++jj) {
+    const T* qrow = q_base + (p.qsl[r] + it.j0 + jj) * p.q_s0;
+    for (int g = 0; g < group; ++g) {
+      const int i = jj * group + g;
+      float* dst = w.qf.data() + static_cast<size_t>(i) * hs;
+      load_row<T>(qrow + (h * group + g) * p.q_s1, dst, hs);
+      for (int d = 0; d < hs; ++d) dst[d] *= p.scale;
+      w.tpos[i] = t_first + jj;
+    }
+  }
+  const int32_t* row_table = p.table + r * p.table_stride;
+  const bool many = rows >= 8;
+
+  auto chunk = [&](int64_t p0, int n) {
+    const int64_t blk = row_table[p0 / p.block_size];
+    const T* kp = kv_base + blk * p.kv_sb + h * p.kv_sh + (p0 % p.block_size) * p.kv_ss;
+    float* vb = w.vb.data();
+    float* sc = w.s.data();
+    // Values as floats once per chunk when many rows will read them; with
+    // few rows (decode) they are read and converted in place.
+    if (D == 0 || many)
+      for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss + hs, vb + k * hs, hs);
+    if (many) {
+      float* kt = w.kt.data();  // [hs, KC]
+      float* kr = w.kr.data();
+      for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss, kr + k * hs, hs);
+      for (int k = n; k < KC; ++k) std::memset(kr + k * hs, 0, sizeof(float) * hs);
+      for (int d = 0; d < hs; ++d)
+        for (int k = 0; k < KC; ++k) kt[d * KC + k] = kr[k * hs + d];
+      // SR rows at a time: SR x NK accumulators (16 vectors) in registers.
+      constexpr int SR = NK <= 2 ? 8 : 4;
+      for (int i = 0; i < rows_pad; i += SR) {
+        const float* q0 = w.qf.data() + static_cast<size_t>(i) * hs;
+        vf a[SR][NK] = {};
+        for (int d = 0; d < hs; ++d) {
+          vf k[NK];
+          for (int c = 0; c < NK; ++c) k[c] = vload(kt + d * KC + c * VL);
+          for (int u = 0; u < SR; ++u) {
+            const float x = q0[u * hs + d];
+            for (int c = 0; c < NK; ++c) a[u][c] += x * k[c];
+          }
+        }
+        for (int u = 0; u < SR; ++u)
+          for (int c = 0; c < NK; ++c) vstore(sc + (i + u) * KC + c * VL, a[u][c]);
+      }
+    } else {
+      float* kr = w.kr.data();
+      if constexpr (D == 0)
+        for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss, kr + k * hs, hs);
+      if constexpr (D > 0) {
+        // Key outer, rows inner: each key row is loaded once for all rows.
+        const float* qf = w.qf.data();
+        for (int k = 0; k < n; ++k) {
+          vf kv[NV];
+          for (int v = 0; v < NV; ++v) kv[v] = vload_cvt(kp + k * p.kv_ss + v * VL);
+          for (int i = 0; i < rows; ++i) {
+            const float* q0 = qf + static_cast<size_t>(i) * hs;
+            vf a = vload(q0) * kv[0];
+            for (int v = 1; v < NV; ++v) a += vload(q0 + v * VL) * kv[v];
+            sc[i * KC + k] = vsum(a);
+          }
+        }
+      } else {
+        for (int i = 0; i < rows; ++i) {
+          const float* q0 = w.qf.data() + static_cast<size_t>(i) * hs;
+          for (int k = 0; k < n; ++k) {
+            const float* kk = kr + k * hs;
+            float a = 0.f;
+            for (int d = 0; d < hs; ++d) a += q0[d] * kk[d];
+            sc[i * KC + k] = a;
+          }
+        }
+      }
+    }
+    // Mask to each row's interval [lo, hi), online softmax: scores become
+    // probabilities (0 outside the interval), rows' running max and sum move.
+    const bool in_sink = p0 < p.sink;
+    float corr[4];
+    for (int i0 = 0; i0 < rows_pad; i0 += 4) {
+      bool any = false;
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u;
+        float* si = sc + i * KC;
+        const int64_t t = w.tpos[i];
+        int lo = in_sink ? 0 : static_cast<int>(std::max<int64_t>(0, t - p.window + 1 - p0));
+        int hi = t < 0 ? 0 : static_cast<int>(std::min<int64_t>(n, t - p0 + 1));
+        if (lo >= hi) {
+          corr[u] = 1.f;
+          for (int k = 0; k < KC; ++k) si[k] = 0.f;
+          continue;
+        }
+        any = true;
+        vi idx = {};
+        for (int k = 0; k < VL; ++k) idx[k] = k;
+        vf sv[NK];
+        float m_chunk = NEG;
+        for (int c = 0; c < NK; ++c) {
+          const vi kk = idx + c * VL;
+          sv[c] = ((kk >= lo) & (kk < hi)) ? vload(si + c * VL) : vsplat(NEG);
+          for (int k = 0; k < VL; ++k) m_chunk = std::max(m_chunk, sv[c][k]);
+        }
+        const float m_new = std::max(w.m[i], m_chunk);
+        corr[u] = sexp(w.m[i] - m_new);
+        vf sum{};
+        for (int c = 0; c < NK; ++c) {
+          const vi kk = idx + c * VL;
+          const vf e = ((kk >= lo) & (kk < hi)) ? vexp(sv[c] - m_new) : vf{};
+          sum += e;
+          vstore(si + c * VL, e);
+        }
+        w.l[i] = w.l[i] * corr[u] + vsum(sum);
+        w.m[i] = m_new;
+      }
+      if (!any) continue;
+      // acc[i0..i0+3] = acc * corr + P[i0..i0+3, :n] @ V[:n]
+      if constexpr (D > 0) {
+        // Rows in blocks of RB so the accumulators (RB x NV vectors) stay
+        // in registers: 4 rows of 64 floats with AVX-512, 2 with AVX2.
+        constexpr int RB = NV * 4 <= 16 ? 4 : (NV * 2 <= 16 ? 2 : 1);
+        for (int u0 = 0; u0 < 4; u0 += RB) {
+          float* a0 = w.acc.data() + static_cast<size_t>(i0 + u0) * hs;
+          const float* p0r = sc + (i0 + u0) * KC;
+          vf o[RB][NV];
+          for (int u = 0; u < RB; ++u)
+            for (int v = 0; v < NV; ++v) o[u][v] = vload(a0 + u * hs + v * VL) * corr[u0 + u];
+          auto accumulate = [&](auto row_of) {
+            for (int k = 0; k < n; ++k) {
+              const auto* vr = row_of(k);
+              float c[RB];
+              for (int u = 0; u < RB; ++u) c[u] = p0r[u * KC + k];
+              for (int v = 0; v < NV; ++v) {
+                const vf x = vload_cvt(vr + v * VL);
+                for (int u = 0; u < RB; ++u) o[u][v] += c[u] * x;
+              }
+            }
+          };
+          if (many)
+            accumulate([&](int k) { return vb + k * hs; });
+          else
+            accumulate([&](int k) { return kp + k * p.kv_ss + hs; });
+          for (int u = 0; u < RB; ++u)
+            for (int v = 0; v < NV; ++v) vstore(a0 + u * hs + v * VL, o[u][v]);
+        }
+      } else {
+        for (int u = 0; u < 4; ++u) {
+          float* ai = w.acc.data() + static_cast<size_t>(i0 + u) * hs;
+          const float* pi = sc + (i0 + u) * KC;
+          for (int d = 0; d < hs; ++d) ai[d] *= corr[u];
+          for (int k = 0; k < n; ++k)
+            for (int d = 0; d < hs; ++d) ai[d] += pi[k] * vb[k * hs + d];
+        }
+      }
+    }
+  };
+
+  auto range = [&](int64_t a, int64_t b) {
+    for (int64_t pos = a; pos < b;) {
+      const int64_t block_end = (pos / p.block_size + 1) * p.block_size;
+      const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(b, block_end), pos + KC) - pos);
+      chunk(pos, n);
+      pos += n;
+    }
+  };
+  range(0, std::min<int64_t>(p.sink, t_last + 1));
+  range(std::max<int64_t>(p.sink, t_first - p.window + 1), t_last + 1);
+
+  for (int jj = 0; jj < nq; ++jj) {
+    T* orow = o_base + (p.qsl[r] + it.j0 + jj) * p.o_s0;
+    for (int g = 0; g < group; ++g) {
+      const int i = jj * group + g;
+      const float inv = 1.f / w.l[i];
+      const float* ai = w.acc.data() + static_cast<size_t>(i) * hs;
+      T* dst = orow + (h * group + g) * p.o_s1;
+      for (int d = 0; d < hs; ++d) from_f(ai[d] * inv, dst + d);
+    }
+  }
+}
+
+template <typename T>
+void run_items(const Params& p, const Item* items, int64_t begin, int64_t end) {
+  Scratch w;
+  for (int64_t i = begin; i < end; ++i) {
+    switch (p.head_size) {
+      case 64: run_item<T, 64>(p, items[i], w); break;
+      case 128: run_item<T, 128>(p, items[i], w); break;
+      case 32: run_item<T, 32 % VL == 0 ? 32 : 0>(p, items[i], w); break;
+      default: run_item<T, 0>(p, items[i], w); break;
+    }
+  }
+}
+
+}  // namespace lt
