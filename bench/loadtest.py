@@ -683,6 +683,21 @@ def analytic_limit(candidate: str, max_model_len: int, block_size: int) -> float
         return None
 
 
+# Named workloads. prefill-heavy: long prompts, short answers (RAG-like);
+# decode-heavy: ~1K-token prompts and 4K-6K-token answers (o1-like reasoning,
+# LightTransfer's strongest case: lazy layers keep a window however long the
+# answer grows), more requests at once than the unconverted model's KV cache
+# holds at full length (SmolLM2, 1 GiB of KV: 5.7 full-length requests).
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "prefill-heavy": dict(doc="prompts 4096-6144, 128 out, 16 requests at once",
+                          input_len=5120, input_range=0.2, output_len=128, output_range=0.0,
+                          num_prompts=16, max_concurrency=16),
+    "decode-heavy": dict(doc="prompts ~1024, 4096-6144 out, 12 requests at once",
+                         input_len=1024, input_range=0.1, output_len=5120, output_range=0.2,
+                         num_prompts=12, max_concurrency=12),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -695,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer folder for both benchmarks (default: the baseline folder)")
     w = ap.add_argument_group("workload (vllm bench serve, random dataset)")
+    w.add_argument("--scenario", choices=sorted(SCENARIOS), default=None,
+                   help="a named workload; its values replace the defaults of the flags below, "
+                        "flags given explicitly still win: " + "; ".join(
+                            f"{k}: {v['doc']}" for k, v in sorted(SCENARIOS.items())))
     w.add_argument("--input-len", type=int, default=5120, help="mean prompt tokens (default 5120)")
     w.add_argument("--input-range", type=float, default=0.2,
                    help="prompts are input-len*(1 +- range) tokens (default 0.2: 4096-6144)")
@@ -724,8 +743,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def apply_scenario(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """Scenario values for every workload flag the command line did not set."""
+    if not args.scenario:
+        return
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for key, value in SCENARIOS[args.scenario].items():
+        if key != "doc" and f"--{key.replace('_', '-')}" not in given:
+            setattr(args, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    apply_scenario(ap, args, list(argv if argv is not None else sys.argv[1:]))
     if args.render:
         return render_only(Path(args.render))
     if not (args.baseline and args.candidate):
@@ -801,6 +832,10 @@ def finish_report(report: dict[str, Any], out: Path) -> int:
         notes.append(f"Analytic KV capacity limit at {args['max_model_len']:,} tokens "
                      f"(block {args['block_size']}): {report['analytic_kv_limit']:.2f}x.")
     failed = sum(int(sides[s]["bench"].get("failed") or 0) for s in SIDES)
+    report["failed"] = failed
+    report["scenario"] = args.get("scenario")
+    out_row = next((r for r in rows if r.get("key") == "output_throughput"), None)
+    report["output_throughput_ratio"] = out_row.get("ratio") if out_row else None
     if failed:
         notes.append(f"FAILED REQUESTS: {failed}; first errors: "
                      + "; ".join(str(e)[:200] for s in SIDES for e in sides[s]["bench"]["errors"]))

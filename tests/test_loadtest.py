@@ -341,3 +341,23 @@ def test_not_a_model_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a URL and not a model folder"):
         with loadtest.started_server("baseline", args.baseline, args, tmp_path):
             pass
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--scenario", "decode-heavy"],
+         dict(input_len=1024, output_len=5120, output_range=0.2, num_prompts=12, max_concurrency=12)),
+        # An explicit flag wins over the scenario's value.
+        (["--scenario", "decode-heavy", "--num-prompts", "4", "--output-len=4096"],
+         dict(input_len=1024, output_len=4096, num_prompts=4)),
+        (["--scenario", "prefill-heavy"], dict(input_len=5120, output_len=128, num_prompts=16)),
+        ([], dict(input_len=5120, output_len=128)),  # the defaults: prefill-heavy
+    ],
+)
+def test_scenarios(argv, expected):
+    ap = loadtest.build_parser()
+    args = ap.parse_args(["--baseline", "a", "--candidate", "b", *argv])
+    loadtest.apply_scenario(ap, args, argv)
+    for key, value in expected.items():
+        assert getattr(args, key) == value, key
