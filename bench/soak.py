@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=6, help="client threads")
     p.add_argument("--burst-size", type=int, default=10)
     p.add_argument("--burst-every", type=float, default=45.0, help="seconds between bursts")
-    p.add_argument("--max-requests", type=int, help="bound on client requests (12000; --quick 2000)")
+    p.add_argument("--max-requests", type=int, help="bound on client requests (30000; --quick 4000)")
     p.add_argument("--deadline", type=float, default=180.0, help="seconds a request may take")
     p.add_argument("--progress-every", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.duration = args.duration or (90.0 if args.quick else 900.0)
     args.warmup = args.warmup if args.warmup is not None else (40.0 if args.quick else 120.0)
-    args.max_requests = args.max_requests or (2000 if args.quick else 12000)
+    args.max_requests = args.max_requests or (4000 if args.quick else 30000)
     if args.quick:
         args.burst_every = min(args.burst_every, args.duration / 2)
     out = args.out.resolve()
