@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -58,6 +59,13 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 constexpr int KC = 32;            // keys per chunk
 constexpr int NK = KC / VL;       // vectors per chunk row
+// AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float32 sums)
+// for the two matrix products of bfloat16 caches with many rows.
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool HAS_BF16_DOT = true;
+#else
+constexpr bool HAS_BF16_DOT = false;
+#endif
 constexpr float NEG = -1.0e30f;   // a masked score: finite (-ffast-math assumes no inf)
 
 struct bf16 { uint16_t bits; };
@@ -206,8 +214,98 @@ inline std::vector<Item> make_items(const Params& p) {
 // Scratch reused across the items of one thread.
 struct Scratch {
   std::vector<float> qf, acc, kt, kr, vb, s, m, l;
+  std::vector<uint32_t> qb, kt2, v2;  // bf16 pairs (AVX512-BF16 path)
   std::vector<int64_t> tpos;
 };
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// Scores of every row against one key chunk on bf16 pairs: the chunk's keys
+// transposed as 32-bit words (two bf16 of one key), each query pair
+// broadcast; sc = (q . k) * scale.
+template <int D>
+inline void bf16_dot_scores(Scratch& w, const uint16_t* kp, int64_t ks, int n, int rows_pad,
+                            float scale, float* sc) {
+  constexpr int P = D / 2;  // pairs per row
+  uint32_t* kt2 = w.kt2.data();  // [P, KC]
+  for (int k = 0; k < n; ++k) {
+    const uint32_t* kw = reinterpret_cast<const uint32_t*>(kp + k * ks);
+    for (int q = 0; q < P; ++q) kt2[q * KC + k] = kw[q];
+  }
+  for (int q = 0; q < P; ++q)
+    for (int k = n; k < KC; ++k) kt2[q * KC + k] = 0u;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int i = 0; i < rows_pad; i += 8) {
+    const uint32_t* qb = w.qb.data() + static_cast<size_t>(i) * P;
+    __m512 a[8][2];
+    for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
+    for (int q = 0; q < P; ++q) {
+      const __m512i k0 = _mm512_loadu_si512(kt2 + q * KC);
+      const __m512i k1 = _mm512_loadu_si512(kt2 + q * KC + 16);
+      for (int u = 0; u < 8; ++u) {
+        const __m512i x = _mm512_set1_epi32(static_cast<int>(qb[u * P + q]));
+        a[u][0] = _mm512_dpbf16_ps(a[u][0], (__m512bh)k0, (__m512bh)x);
+        a[u][1] = _mm512_dpbf16_ps(a[u][1], (__m512bh)k1, (__m512bh)x);
+      }
+    }
+    for (int u = 0; u < 8; ++u) {
+      _mm512_storeu_ps(sc + (i + u) * KC, _mm512_mul_ps(a[u][0], sv));
+      _mm512_storeu_ps(sc + (i + u) * KC + 16, _mm512_mul_ps(a[u][1], sv));
+    }
+  }
+}
+
+// The chunk's values interleaved as words (V[2j][d], V[2j+1][d]), once per
+// chunk; a missing last odd key is 0.
+template <int D>
+inline void bf16_pair_values(Scratch& w, const uint16_t* vp, int64_t vs, int n) {
+  uint32_t* v2 = w.v2.data();  // [KC / 2, D]
+  for (int j = 0; j < (n + 1) / 2; ++j) {
+    const uint16_t* lo = vp + (2 * j) * vs;
+    if (2 * j + 1 < n) {
+      const uint16_t* hi = lo + vs;
+      for (int d = 0; d < D; ++d)
+        v2[j * D + d] = static_cast<uint32_t>(lo[d]) | (static_cast<uint32_t>(hi[d]) << 16);
+    } else {
+      for (int d = 0; d < D; ++d) v2[j * D + d] = static_cast<uint32_t>(lo[d]);
+    }
+  }
+}
+
+// o[u] += P[u, :n] @ V[:n] on bf16 pairs for RB rows (probability rows
+// p0r, stride KC; zero past n), values from bf16_pair_values.
+template <int D, int RB>
+inline void bf16_dot_values(Scratch& w, int n, const float* p0r, vf (&o)[RB][D / VL]) {
+  constexpr int NV = D / VL;
+  const uint32_t* v2 = w.v2.data();
+  const int pairs = (n + 1) / 2;
+  // Probabilities as bf16 pairs: word j = (p[2j], p[2j + 1]).
+  uint32_t pb[RB][KC / 2];
+  for (int u = 0; u < RB; ++u) {
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p0r + u * KC + 16), _mm512_loadu_ps(p0r + u * KC));
+    std::memcpy(pb[u], &b, sizeof(pb[u]));
+  }
+  __m512 acc[RB][NV];
+  for (int u = 0; u < RB; ++u)
+    for (int v = 0; v < NV; ++v) std::memcpy(&acc[u][v], &o[u][v], sizeof(__m512));
+  for (int j = 0; j < pairs; ++j) {
+    __m512i vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_si512(v2 + j * D + v * 16);
+    for (int u = 0; u < RB; ++u) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(pb[u][j]));
+      for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_dpbf16_ps(acc[u][v], (__m512bh)vv[v], (__m512bh)x);
+    }
+  }
+  for (int u = 0; u < RB; ++u)
+    for (int v = 0; v < NV; ++v) std::memcpy(&o[u][v], &acc[u][v], sizeof(__m512));
+}
+#else
+template <int D>
+inline void bf16_dot_scores(Scratch&, const uint16_t*, int64_t, int, int, float, float*) {}
+template <int D>
+inline void bf16_pair_values(Scratch&, const uint16_t*, int64_t, int) {}
+template <int D, int RB>
+inline void bf16_dot_values(Scratch&, int, const float*, vf (&)[RB][D / VL]) {}
+#endif
 
 // D: head size when it is a multiple of 16 (vector path); 0: any head size
 // (scalar loops, same algorithm).
@@ -248,6 +346,22 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   }
   const int32_t* row_table = p.table + r * p.table_stride;
   const bool many = rows >= 8;
+  // bf16 cache, many rows, AVX512-BF16: both products on bf16 pairs
+  // (queries and keys as stored, probabilities rounded to bf16 like a
+  // bf16 flash kernel's), float32 accumulation.
+  constexpr bool dp_type = HAS_BF16_DOT && std::is_same<T, bf16>::value && D > 0 && D % 32 == 0;
+  const bool dp = dp_type && many;
+  if (dp) {
+    w.qb.assign(static_cast<size_t>(rows_pad) * (hs / 2), 0u);
+    w.kt2.resize(static_cast<size_t>(hs / 2) * KC);
+    w.v2.resize(static_cast<size_t>(KC / 2) * hs);
+    for (int jj = 0; jj < nq; ++jj) {
+      const T* qrow = q_base + (p.qsl[r] + it.j0 + jj) * p.q_s0;
+      for (int g = 0; g < group; ++g)
+        std::memcpy(w.qb.data() + static_cast<size_t>(jj * group + g) * (hs / 2),
+                    qrow + (h * group + g) * p.q_s1, sizeof(uint16_t) * hs);
+    }
+  }
 
   auto chunk = [&](int64_t p0, int n) {
     const int64_t blk = row_table[p0 / p.block_size];
@@ -256,9 +370,17 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
     float* sc = w.s.data();
     // Values as floats once per chunk when many rows will read them; with
     // few rows (decode) they are read and converted in place.
-    if (D == 0 || many)
+    if (D == 0 || (many && !dp))
       for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss + hs, vb + k * hs, hs);
-    if (many) {
+    if constexpr (dp_type) {
+      if (dp) {
+        bf16_dot_scores<D>(w, reinterpret_cast<const uint16_t*>(kp), p.kv_ss, n, rows_pad, p.scale, sc);
+        bf16_pair_values<D>(w, reinterpret_cast<const uint16_t*>(kp + hs), p.kv_ss, n);
+      }
+    }
+    if (dp) {
+      // done above
+    } else if (many) {
       float* kt = w.kt.data();  // [hs, KC]
       float* kr = w.kr.data();
       for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss, kr + k * hs, hs);
@@ -372,7 +494,14 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
               }
             }
           };
-          if (many)
+          if constexpr (dp_type) {
+            if (dp) {
+              bf16_dot_values<D, RB>(w, n, p0r, o);
+            }
+          }
+          if (dp) {
+            // done above
+          } else if (many)
             accumulate([&](int k) { return vb + k * hs; });
           else
             accumulate([&](int k) { return kp + k * p.kv_ss + hs; });
