@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import (
     BLOCK,
@@ -120,11 +121,32 @@ def expected(tiny_llama, lazy_model, mixed_prompts):
             dict(enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=False),
             id="chunked-prefill-64",
         ),
+        # What `vllm serve` runs by default: the model under torch.compile.
+        pytest.param(dict(enforce_eager=False, enable_prefix_caching=False), id="compiled"),
     ],
 )
 def test_matches_reference(lazy_model, mixed_prompts, expected, engine_kwargs):
     with make_llm(lazy_model, **engine_kwargs) as llm:
         assert greedy(llm, mixed_prompts, MAX_TOKENS) == expected
+
+
+def test_plain_pytorch_path_matches_reference(lazy_model, mixed_prompts, expected, monkeypatch):
+    """The fallback (no C++ kernel: no compiler, or LIGHTTRANSFER_CPU_KERNEL=0) in the engine."""
+    from vllm_lighttransfer.attention import backend
+
+    calls = []
+    torch_path = backend.sink_window_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return torch_path(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "select_path", lambda device: backend.PATH_TORCH)
+    monkeypatch.setattr(backend, "sink_window_attention", counted)
+    with make_llm(lazy_model, enable_chunked_prefill=True, max_num_batched_tokens=64,
+                  enable_prefix_caching=False) as llm:
+        assert greedy(llm, mixed_prompts, MAX_TOKENS) == expected
+    assert calls, "the engine never ran the plain-PyTorch path"
 
 
 def test_differs_from_full_attention(tiny_llama, mixed_prompts, expected):
@@ -276,3 +298,34 @@ def test_real_model_matches_reference(tmp_path_factory):
     with make_llm(out, max_model_len=2048, max_num_batched_tokens=256) as llm:
         got = greedy(llm, [prompt], 8)
     assert got == reference_greedy(src, out, [prompt], 8)
+
+
+def test_float32_head_copy_equals_vllms_cast(lazy_model, mixed_prompts, monkeypatch):
+    """Converted folders ask for float32 logits (head_dtype); on CPU the model keeps
+    one float32 copy of the lm_head instead of vLLM casting it every step: the
+    tokens are the same as vLLM's own cast path, and the copy is really used."""
+    from vllm_lighttransfer import model as lt_model
+
+    assert json.loads((lazy_model / "config.json").read_text())["head_dtype"] == "float32"
+    prompts = mixed_prompts[:2]
+    with make_llm(lazy_model, dtype="bfloat16") as llm:
+        head = the_model(llm)._float32_head
+        assert head is not None and head.weight.dtype is torch.float32
+        ours = greedy(llm, prompts, MAX_TOKENS)
+    monkeypatch.setattr(lt_model, "float32_head", lambda model, vllm_config: None)
+    with make_llm(lazy_model, dtype="bfloat16") as llm:
+        assert the_model(llm)._float32_head is None
+        assert greedy(llm, prompts, MAX_TOKENS) == ours
+
+
+def test_warns_on_16bit_logits():
+    from types import SimpleNamespace
+
+    from vllm_lighttransfer.model import warn_on_16bit_logits
+
+    def cfg(dtype, head):
+        return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype, head_dtype=head))
+
+    assert warn_on_16bit_logits(cfg(torch.bfloat16, torch.bfloat16))
+    assert not warn_on_16bit_logits(cfg(torch.bfloat16, torch.float32))
+    assert not warn_on_16bit_logits(cfg(torch.float32, torch.float32))

@@ -24,6 +24,7 @@ Constraints
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from vllm.config import VllmConfig
@@ -72,6 +73,70 @@ def install_sink_window_attention(
     return sorted(swapped)
 
 
+def warn_on_16bit_logits(vllm_config: VllmConfig) -> bool:
+    """One warning where the logits would be rounded to 16 bits on CPU; True if warned.
+
+    vLLM computes the logits in the model dtype unless ``head_dtype`` says
+    otherwise. In bfloat16 (8 significant bits) two tokens whose float32
+    logits differ by less than a rounding step tie, and greedy decoding then
+    takes the lower token id: SmolLM2 served by vLLM-CPU's default compiled
+    bfloat16 answers "What is the capital of France?" with "L'Étoile, ..."
+    because "L" and "The" tie there (float32: "The" by 0.1 nat). Eager mode
+    happens to round the other way on that prompt; it is no fix. The
+    converter writes ``head_dtype: float32`` (see ``float32_head`` for its
+    cost on CPU); this warning is for folders without it.
+    """
+    from vllm.platforms import current_platform
+
+    mc = vllm_config.model_config
+    if not current_platform.is_cpu() or mc.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if mc.head_dtype != mc.dtype:
+        return False
+    logger.warning(
+        "LightTransfer: logits in %s on CPU: greedy decoding can break near-ties differently "
+        "from float32 (SmolLM2 in bfloat16 answers \"L'Étoile...\" instead of \"Paris\"). "
+        "Fix: compute the lm_head in float32 with --hf-overrides '{\"head_dtype\": \"float32\"}' "
+        "(folders written by `lighttransfer convert` carry it), or serve with --dtype float32.",
+        str(mc.dtype).removeprefix("torch."),
+    )
+    return True
+
+
+def float32_head(model: nn.Module, vllm_config: VllmConfig):
+    """A float32 copy of the lm_head for ``compute_logits``, or None.
+
+    With ``head_dtype: float32`` on a 16-bit model, vLLM casts the whole
+    lm_head weight to float32 on every step except on CUDA/ROCm (SmolLM2:
+    28 M weights, several milliseconds per decode step on CPU). Casting it
+    once, after the weights are loaded, gives the same logits for one
+    float32 copy of the head in memory (SmolLM2: 113 MB). Weights changed
+    after loading (RL weight sync) would not reach the copy.
+    """
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    mc = vllm_config.model_config
+    lm_head = getattr(model, "lm_head", None)
+    weight = getattr(lm_head, "weight", None)
+    if (
+        current_platform.is_cuda_alike()
+        or mc.head_dtype != torch.float32
+        or mc.dtype == torch.float32
+        or weight is None
+        or weight.numel() == 0
+        or weight.dtype == torch.float32
+    ):
+        return None
+    return SimpleNamespace(
+        weight=weight.detach().to(torch.float32),
+        quant_method=lm_head.quant_method,
+        tp_size=lm_head.tp_size,
+        shard_indices=getattr(lm_head, "shard_indices", None),
+    )
+
+
 class LightTransferMixin:
     """Reads the ``lighttransfer`` section and swaps lazy layers after init."""
 
@@ -81,6 +146,9 @@ class LightTransferMixin:
         cfg.check_architecture(type(self).__name__)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.lighttransfer_config = cfg
+        self._lt_vllm_config = vllm_config
+        self._float32_head = None
+        warn_on_16bit_logits(vllm_config)
         swapped = install_sink_window_attention(self, cfg, vllm_config)
         # With pipeline parallelism a rank holds only some layers.
         owned = [i for i in cfg.lazy_layers if i in swapped]
@@ -93,6 +161,17 @@ class LightTransferMixin:
             cfg.sink_tokens,
             cfg.window_tokens,
         )
+
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        self._float32_head = float32_head(self, self._lt_vllm_config)
+        return loaded
+
+    def compute_logits(self, hidden_states):
+        if self._float32_head is None:
+            return super().compute_logits(hidden_states)
+        return self.logits_processor(self._float32_head, hidden_states)
 
 
 class LightTransferLlamaForCausalLM(LightTransferMixin, LlamaForCausalLM):

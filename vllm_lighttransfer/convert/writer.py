@@ -71,6 +71,10 @@ def converted_config(
         out.pop("sliding_window")
     out["architectures"] = [SUPPORTED_BASES[base]]
     out[SECTION] = section
+    # Logits in float32 (vLLM's head_dtype): 16-bit logits tie near-equal
+    # tokens and greedy decoding then picks another answer than float32
+    # (issue 9; vllm_lighttransfer/model.py, warn_on_16bit_logits).
+    out.setdefault("head_dtype", "float32")
     return out
 
 
