@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--window-tokens", type=int, default=1020)
     ap.add_argument("--scores-report", default=None,
                     help="take layer scores from this lighttransfer_report.json instead of scoring")
+    ap.add_argument("--calibration-count", type=int, default=None,
+                    help="calibration prompts for the layer scores (default: the converter's, 6); "
+                    "fewer is faster on a big model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
@@ -195,6 +198,7 @@ def main(argv=None) -> int:
     scores = layer_scores(
         src, cache=out / "layer_scores.json",
         report=Path(args.scores_report) if args.scores_report else None,
+        calibration_count=args.calibration_count,
     )
     task_scores = None
     if args.task_calibrated:

@@ -73,12 +73,15 @@ def layer_scores(
     cache: Path | None = None,
     report: Path | None = None,
     progress: bool = True,
+    calibration_count: int | None = None,
 ) -> dict[str, Any]:
     """Per-prompt laziness scores of ``src`` (``{"per_prompt": [[...]], ...}``).
 
     Reads ``report`` (a converter report) if given, else ``cache`` if it was
     written for the same source and settings, else scores with the
-    converter's defaults and writes ``cache``.
+    converter's defaults (``calibration_count`` prompts if given: fewer is
+    faster on a big model, and the same as ``convert --calibration-count``)
+    and writes ``cache``.
     """
     from vllm_lighttransfer.convert import pipeline as P
 
@@ -88,7 +91,7 @@ def layer_scores(
         "window_tokens": P.DEFAULT_WINDOW,
         "n_last": P.DEFAULT_N_LAST,
         "calibration_length": P.DEFAULT_CAL_LENGTH,
-        "calibration_count": P.DEFAULT_CAL_COUNT,
+        "calibration_count": calibration_count or P.DEFAULT_CAL_COUNT,
     }
     if report is not None:
         data = json.loads(Path(report).read_text())
