@@ -34,8 +34,8 @@ Invariants (``DIR/soak.json``, ``DIR/soak.md``; exit status 1 if one fails)
     against after warm-up).
 
 Usage
-    python bench/soak.py --quick --out results/soak      # about 3 minutes
-    python bench/soak.py --out results/soak               # 15 minutes of load
+    python bench/soak.py --quick --out results/soak      # 60 + 80 s of load, 4 to 6 minutes
+    python bench/soak.py --out results/soak               # 120 + 900 s of load, about 20 minutes
     python bench/soak.py --model models/SmolLM2-135M-Instruct-lighttransfer \\
         --max-model-len 4096 --duration 900 --out results/soak-smollm2
 
@@ -690,13 +690,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="90 s of load (about 3 to 6 minutes in all)")
+    p.add_argument("--quick", action="store_true",
+                   help="60 s of warm-up and 80 s of load (4 to 6 minutes in all on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "soak", help="writes soak.json, soak.md")
     p.add_argument("--model", type=Path, help="a converted folder (default: the tiny Llama, converted)")
     p.add_argument("--served-name", default="soak-lt")
-    p.add_argument("--duration", type=float, help="seconds of load (900; --quick 90)")
+    p.add_argument("--duration", type=float, help="seconds of load (900; --quick 80)")
     p.add_argument("--warmup", type=float, help="seconds of the same load before the RSS baseline "
-                   "(120; --quick 40)")
+                   "(120; --quick 60)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--window", type=int, default=64, help="window tokens of the tiny conversion")
     p.add_argument("--sink", type=int, default=4, help="sink tokens of the tiny conversion")
@@ -724,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.engine_probes.read_text())
         print(ENGINE_MARKER + json.dumps(engine_probes(spec)), flush=True)
         return 0
-    args.duration = args.duration or (90.0 if args.quick else 900.0)
-    args.warmup = args.warmup if args.warmup is not None else (40.0 if args.quick else 120.0)
+    args.duration = args.duration or (80.0 if args.quick else 900.0)
+    args.warmup = args.warmup if args.warmup is not None else (60.0 if args.quick else 120.0)
     args.max_requests = args.max_requests or (4000 if args.quick else 30000)
     if args.quick:
         args.burst_every = min(args.burst_every, args.duration / 2)

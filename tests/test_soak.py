@@ -1,8 +1,8 @@
 """The quick soak (``bench/soak.py --quick``) meets its targets.
 
 A real ``vllm serve`` of the converted tiny Llama, started through
-``scripts/serve_default.sh`` with the main job's flags, under 40 s of warm-up
-and 90 s of a seeded abusive mix (long prompts past the window, n > 1, shared
+``scripts/serve_default.sh`` with the main job's flags, under 60 s of warm-up
+and 80 s of a seeded abusive mix (long prompts past the window, n > 1, shared
 prefixes, disconnects, invalid requests, bursts beyond the KV cache), then
 compared with an in-process engine. About 4 to 7 minutes on 2 cores (server
 start-up and torch.compile included).
