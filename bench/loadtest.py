@@ -462,6 +462,8 @@ def started_server(side: str, target: str, args, out: Path) -> Iterator[Server]:
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the normal multi-process server
     env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_space)
+    if args.cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.cpu_threads_bind
     server = Server(side, target, base_url=f"http://127.0.0.1:{port}", model_name=name,
                     tokenizer=args.tokenizer or str(folder), log_path=log_path, command=cmd,
                     max_model_len=args.max_model_len)
@@ -729,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("servers started here (identical for both)")
     s.add_argument("--kv-cache-space", type=int, default=1,
                    help="VLLM_CPU_KVCACHE_SPACE in GiB (default 1; CPU builds only)")
+    s.add_argument("--cpu-threads-bind", default=None, metavar="CPUS",
+                   help="VLLM_CPU_OMP_THREADS_BIND for both servers, e.g. 0-1 to give the engine "
+                        "both cores of a 2-core machine (default: vLLM's choice, which on 2 cores "
+                        "binds the engine to 1 and leaves 1 to the API server)")
     s.add_argument("--max-model-len", type=int, default=8192)
     s.add_argument("--block-size", type=int, default=32)
     s.add_argument("--dtype", default="bfloat16")
@@ -807,7 +813,9 @@ def servers_note(args, sides: dict[str, dict[str, Any]]) -> str:
     """How the servers ran: our identical flags, or attached URLs (their own flags)."""
     started = (f"--max-model-len {args.max_model_len} --block-size {args.block_size} --dtype {args.dtype}"
                + (" " + " ".join(args.server_arg) if args.server_arg else "")
-               + f", VLLM_CPU_KVCACHE_SPACE={args.kv_cache_space}")
+               + f", VLLM_CPU_KVCACHE_SPACE={args.kv_cache_space}"
+               + (f", VLLM_CPU_OMP_THREADS_BIND={args.cpu_threads_bind}" if args.cpu_threads_bind
+                  else ", engine threads: vLLM's default binding"))
     attached = [s for s in SIDES if sides[s].get("attached")]
     if not attached:
         return started
