@@ -241,6 +241,7 @@ def main(argv=None) -> int:
         "window_tokens": args.window_tokens, "ppl_length": args.ppl_length,
         "ppl_chunks": args.ppl_chunks, "seed": args.seed, "dtype": args.dtype,
         "longest_variants": sorted(longest_set), "max_tokens": args.max_tokens,
+        "head_dtype": "float32",
     }
     print(f"model {src} ({num_layers} layers); scores from {scores['from']}", flush=True)
     for v in variants:

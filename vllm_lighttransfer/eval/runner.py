@@ -51,6 +51,11 @@ ENGINE_DEFAULTS: dict[str, Any] = dict(
     enable_prefix_caching=True,
     max_num_batched_tokens=4096,
     seed=0,
+    # Logits in float32 for every variant: converted folders ask for it
+    # (convert/writer.py, head_dtype), and 16-bit logits tie near-equal
+    # tokens, so an unconverted model left at bfloat16 logits would answer
+    # differently for a reason unrelated to lazy layers.
+    hf_overrides={"head_dtype": "float32"},
 )
 
 UNCONVERTED = "full"
