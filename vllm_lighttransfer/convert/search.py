@@ -406,7 +406,10 @@ def plot_search(report: dict[str, Any], title: str) -> bytes:
         if report["chosen_ratio"] is not None:
             ax.axvline(100 * report["chosen_ratio"], color="black", linewidth=1.0,
                        label=f"chosen: {100 * report['chosen_ratio']:g}%")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if report["chosen_ratio"] is None:
+        title += "\nno ratio fits the budget: no layer is lazy"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
