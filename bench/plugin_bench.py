@@ -86,6 +86,9 @@ def engine(model: Path, args, **overrides):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
         seed=0,
+        # Float32 logits for every variant: converted folders ask for them
+        # (convert/writer.py), so the unconverted one must pay the same head.
+        hf_overrides={"head_dtype": "float32"},
     )
     kwargs.update(overrides)
     return offline_engine(model, **kwargs)

@@ -77,6 +77,8 @@ def _load():
 
         code = b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.*")))
         digest = hashlib.sha256(code + _cpu_flags().encode()).hexdigest()[:12]
+        logger.info("LightTransfer: loading the C++ CPU kernel (built once per machine "
+                    "on first use: about a minute)")
         flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-Wno-psabi"]
         return load(
             name=f"lighttransfer_sink_window_cpu_{digest}",
