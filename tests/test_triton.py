@@ -22,12 +22,23 @@ from pathlib import Path
 import torch
 
 ON_GPU = torch.cuda.is_available()
+# Triton decides interpreted or compiled when it is first imported; in a
+# full test run vLLM has imported it long before this module (without the
+# interpreter), and its kernels then fail on CPU tensors. In that case these
+# tests run in a fresh process instead (tests/test_triton_fresh.py).
+NEEDS_FRESH_PROCESS = (
+    not ON_GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+)
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-pytestmark = pytest.mark.triton
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(NEEDS_FRESH_PROCESS, reason="Triton was imported without its interpreter "
+                       "earlier in this process: run in a fresh one by tests/test_triton_fresh.py"),
+]
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernel path is unavailable")
 
 from vllm_lighttransfer.attention import triton_sink_window as tsw  # noqa: E402

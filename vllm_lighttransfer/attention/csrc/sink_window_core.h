@@ -372,14 +372,11 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
     // few rows (decode) they are read and converted in place.
     if (D == 0 || (many && !dp))
       for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss + hs, vb + k * hs, hs);
-    if constexpr (dp_type) {
-      if (dp) {
+    if (dp) {
+      if constexpr (dp_type) {
         bf16_dot_scores<D>(w, reinterpret_cast<const uint16_t*>(kp), p.kv_ss, n, rows_pad, p.scale, sc);
         bf16_pair_values<D>(w, reinterpret_cast<const uint16_t*>(kp + hs), p.kv_ss, n);
       }
-    }
-    if (dp) {
-      // done above
     } else if (many) {
       float* kt = w.kt.data();  // [hs, KC]
       float* kr = w.kr.data();
@@ -494,13 +491,8 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
               }
             }
           };
-          if constexpr (dp_type) {
-            if (dp) {
-              bf16_dot_values<D, RB>(w, n, p0r, o);
-            }
-          }
           if (dp) {
-            // done above
+            if constexpr (dp_type) bf16_dot_values<D, RB>(w, n, p0r, o);
           } else if (many)
             accumulate([&](int k) { return vb + k * hs; });
           else
