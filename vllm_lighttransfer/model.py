@@ -108,7 +108,7 @@ def float32_head(model: nn.Module, vllm_config: VllmConfig):
 
     With ``head_dtype: float32`` on a 16-bit model, vLLM casts the whole
     lm_head weight to float32 on every step except on CUDA/ROCm (SmolLM2:
-    28 M weights, several milliseconds per decode step on CPU). Casting it
+    28 M weights read and written per decode step on CPU). Casting it
     once, after the weights are loaded, gives the same logits for one
     float32 copy of the head in memory (SmolLM2: 113 MB). Weights changed
     after loading (RL weight sync) would not reach the copy.
@@ -161,7 +161,6 @@ class LightTransferMixin:
             cfg.sink_tokens,
             cfg.window_tokens,
         )
-
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
