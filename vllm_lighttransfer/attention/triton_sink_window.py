@@ -71,13 +71,16 @@ Limitations
     slow for the full-attention variant at batch 1 over 100K+ tokens
     (``paged_causal_attention_triton`` is a baseline, not a product path).
     No ALiBi, soft-capping, learned sinks or fused output quantization.
-    Importing this module needs only torch; without Triton ``HAS_TRITON``
-    is False and the attention entries raise.
+    Importing this module needs only torch (paged.py too, for the KV
+    write); without Triton ``HAS_TRITON`` is False and the attention
+    entries raise.
 """
 
 from __future__ import annotations
 
 import torch
+
+from vllm_lighttransfer.attention.paged import write_kv
 
 try:  # Triton is optional: the plain-PyTorch path (paged.py) runs without it.
     import triton
@@ -454,26 +457,13 @@ def write_kv_quantized(
     CUDA and inside a captured graph (with tensor scales). Padding tokens
     (slot -1) write into slot 0 of the null block, as ``paged.write_kv``.
     """
-    num_blocks, num_kv_heads, block_size, width = kv_cache.shape
-    num_tokens = key.shape[0]
-    if kv_cache.dtype == torch.float8_e4m3fn:
-        ks = _as_scale(k_scale, key.device)
-        vs = _as_scale(v_scale, key.device)
-        k = (key.float() / ks).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        v = (value.float() / vs).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        # Copy as bytes: indexing kernels do not all exist for float8.
-        kv = torch.cat([k.view(torch.uint8), v.view(torch.uint8)], dim=-1)
-        cache = kv_cache.view(torch.uint8)
-    else:
-        kv = torch.cat([key, value], dim=-1).to(kv_cache.dtype)
-        cache = kv_cache
-    slots = slot_mapping[:num_tokens].long().clamp(min=0)
-    blocks = slots // block_size
-    offsets = slots % block_size
-    if cache.is_contiguous():
-        heads = torch.arange(num_kv_heads, device=slots.device)
-        rows = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]).flatten()
-        cache.view(-1, width).index_copy_(0, rows, kv.reshape(-1, width))
-    else:
-        cache[blocks, :, offsets] = kv
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        write_kv(kv_cache, key, value, slot_mapping)
+        return
+    ks = _as_scale(k_scale, key.device)
+    vs = _as_scale(v_scale, key.device)
+    k = (key.float() / ks).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    v = (value.float() / vs).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    # Scatter as bytes: indexing kernels do not all exist for float8.
+    write_kv(kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), slot_mapping)
 
