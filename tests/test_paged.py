@@ -126,21 +126,25 @@ def test_bfloat16_within_tolerance(path, head_size):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("seed", range(4))
-def test_bfloat16_mixed_batches(seed, path):
-    """Model-like shapes in bfloat16 (the CPU op's bf16 pair products where the CPU has them)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(6))
+def test_16bit_mixed_batches(seed, dtype, path):
+    """Model-like shapes in 16 bits (the CPU op's bf16 pair products where the
+    CPU has them; decode items that read every KV head of a block, GQA groups
+    of 3, 6 and 7 query heads per KV head, so row blocks of 4 leave 3, 2 or 1)."""
     rng = random.Random(100 + seed)
     torch.manual_seed(100 + seed)
-    heads, kv_heads, head_size = rng.choice([(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+    heads, kv_heads, head_size = rng.choice([(9, 3, 64), (8, 2, 128), (4, 4, 32), (14, 2, 64), (12, 2, 128)])
     block_size, sink, window = 32, rng.choice([0, 4, 37]), rng.choice([50, 100, 1000])
     seq_lens = [rng.randint(1, 300) for _ in range(rng.randint(1, 4))]
     q_lens = [rng.choice([1, s, rng.randint(1, s)]) for s in seq_lens]
-    cache, table, keys, values = _paged_batch(rng, seq_lens, kv_heads, head_size, block_size, torch.bfloat16)
+    cache, table, keys, values = _paged_batch(rng, seq_lens, kv_heads, head_size, block_size, dtype)
     cache[0] = float("nan")
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
-    query = torch.randn(int(qsl[-1]), heads, head_size).to(torch.bfloat16)
+    query = torch.randn(int(qsl[-1]), heads, head_size).to(dtype)
     out = torch.zeros_like(query)
-    attend(path, query, cache, qsl, seq_lens, table, block_size, sink, window, head_size**-0.5, out)
+    attend(path, query, cache, qsl, seq_lens, table, block_size, sink, window, head_size**-0.5, out,
+           tile=rng.choice([1, 64, 128]))
     for r, (s, q) in enumerate(zip(seq_lens, q_lens)):
         ref = reference_attention(query[qsl[r] : qsl[r + 1]].float(), keys[r].float(), values[r].float(),
                                   torch.arange(s - q, s), torch.arange(s), head_size**-0.5, sink, window)

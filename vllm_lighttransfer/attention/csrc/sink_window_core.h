@@ -196,7 +196,7 @@ struct Params {
 };
 
 struct Item {
-  int32_t req, j0, j1, head;
+  int32_t req, j0, j1, h0, h1;  // queries [j0, j1) of request req, KV heads [h0, h1)
 };
 
 inline std::vector<Item> make_items(const Params& p) {
@@ -205,7 +205,13 @@ inline std::vector<Item> make_items(const Params& p) {
     const int q_len = p.qsl[r + 1] - p.qsl[r];
     for (int j0 = 0; j0 < q_len; j0 += p.tile) {
       const int j1 = std::min(q_len, j0 + p.tile);
-      for (int h = 0; h < p.num_kv_heads; ++h) items.push_back({r, j0, j1, h});
+      if ((j1 - j0) * (p.num_heads / p.num_kv_heads) < 8) {
+        // Few rows (decode): one item reads every KV head of a block in a
+        // row, one contiguous stretch of the cache instead of one per head.
+        items.push_back({r, j0, j1, 0, p.num_kv_heads});
+      } else {
+        for (int h = 0; h < p.num_kv_heads; ++h) items.push_back({r, j0, j1, h, h + 1});
+      }
     }
   }
   return items;
@@ -223,8 +229,8 @@ struct Scratch {
 // transposed as 32-bit words (two bf16 of one key), each query pair
 // broadcast; sc = (q . k) * scale.
 template <int D>
-inline void bf16_dot_scores(Scratch& w, const uint16_t* kp, int64_t ks, int n, int rows_pad,
-                            float scale, float* sc) {
+inline void bf16_dot_scores(Scratch& w, const uint32_t* qb_rows, const uint16_t* kp, int64_t ks, int n,
+                            int rows_pad, float scale, float* sc) {
   constexpr int P = D / 2;  // pairs per row
   uint32_t* kt2 = w.kt2.data();  // [P, KC]
   for (int k = 0; k < n; ++k) {
@@ -235,7 +241,7 @@ inline void bf16_dot_scores(Scratch& w, const uint16_t* kp, int64_t ks, int n, i
     for (int k = n; k < KC; ++k) kt2[q * KC + k] = 0u;
   const __m512 sv = _mm512_set1_ps(scale);
   for (int i = 0; i < rows_pad; i += 8) {
-    const uint32_t* qb = w.qb.data() + static_cast<size_t>(i) * P;
+    const uint32_t* qb = qb_rows + static_cast<size_t>(i) * P;
     __m512 a[8][2];
     for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
     for (int q = 0; q < P; ++q) {
@@ -298,13 +304,55 @@ inline void bf16_dot_values(Scratch& w, int n, const float* p0r, vf (&o)[RB][D /
   for (int u = 0; u < RB; ++u)
     for (int v = 0; v < NV; ++v) std::memcpy(&o[u][v], &acc[u][v], sizeof(__m512));
 }
+
+// Sixteen vectors to one: lane k of the result is the sum of v[k]'s lanes
+// (a transposing add tree: 45 instructions for 16 sums, where 16
+// horizontal sums take about 130).
+inline __m512 reduce16(const __m512 (&v)[16]) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s1[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)  // per 128-bit lane: lane sums of keys 4j..4j+3
+    s2[j] = _mm512_add_ps(_mm512_shuffle_ps(s1[2 * j], s1[2 * j + 1], 0x44),
+                          _mm512_shuffle_ps(s1[2 * j], s1[2 * j + 1], 0xEE));
+  for (int j = 0; j < 2; ++j)
+    s3[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2 * j], s2[2 * j + 1], 0x88),
+                          _mm512_shuffle_f32x4(s2[2 * j], s2[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s3[0], s3[1], 0x88), _mm512_shuffle_f32x4(s3[0], s3[1], 0xDD));
+}
+
+// Decode scores (few rows): sc[i][k] = (q_i . k_k) * scale for the n keys
+// of a chunk, straight from the bf16 key rows: per row and key D / 32
+// pair products into one vector, sixteen keys' vectors reduced at once.
+template <int D>
+inline void bf16_decode_scores(const uint32_t* qb, const uint16_t* kp, int64_t ks, int n, int rows,
+                               float scale, float* sc) {
+  constexpr int NZ = D / 32;  // vectors per row
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int i = 0; i < rows; ++i) {
+    __m512i q[NZ];
+    for (int z = 0; z < NZ; ++z) q[z] = _mm512_loadu_si512(qb + static_cast<size_t>(i) * (D / 2) + z * 16);
+    for (int k0 = 0; k0 < n; k0 += 16) {
+      __m512 v[16];
+      for (int k = 0; k < 16; ++k) {
+        v[k] = _mm512_setzero_ps();
+        if (k0 + k < n)
+          for (int z = 0; z < NZ; ++z)
+            v[k] = _mm512_dpbf16_ps(v[k], (__m512bh)_mm512_loadu_si512(kp + (k0 + k) * ks + z * 32), (__m512bh)q[z]);
+      }
+      _mm512_storeu_ps(sc + i * KC + k0, _mm512_mul_ps(reduce16(v), sv));
+    }
+  }
+}
 #else
 template <int D>
-inline void bf16_dot_scores(Scratch&, const uint16_t*, int64_t, int, int, float, float*) {}
+inline void bf16_dot_scores(Scratch&, const uint32_t*, const uint16_t*, int64_t, int, int, float, float*) {}
 template <int D>
 inline void bf16_pair_values(Scratch&, const uint16_t*, int64_t, int) {}
 template <int D, int RB>
 inline void bf16_dot_values(Scratch&, int, const float*, vf (&)[RB][D / VL]) {}
+template <int D>
+inline void bf16_decode_scores(const uint32_t*, const uint16_t*, int64_t, int, int, float, float*) {}
 #endif
 
 // D: head size when it is a multiple of 16 (vector path); 0: any head size
@@ -314,7 +362,7 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   const int hs = D > 0 ? D : p.head_size;
   constexpr int NV = D / VL;  // vectors per row (vector path)
   const int group = p.num_heads / p.num_kv_heads;
-  const int r = it.req, h = it.head;
+  const int r = it.req, nh = it.h1 - it.h0;
   const int q_len = p.qsl[r + 1] - p.qsl[r];
   const int64_t ctx = static_cast<int64_t>(p.seq_lens[r]) - q_len;
   const int nq = it.j1 - it.j0;
@@ -325,10 +373,12 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   const T* kv_base = static_cast<const T*>(p.kv);
   T* o_base = static_cast<T*>(p.out);
 
-  w.qf.assign(static_cast<size_t>(rows_pad) * hs, 0.f);
-  w.acc.assign(static_cast<size_t>(rows_pad) * hs, 0.f);
-  w.m.assign(rows_pad, NEG);
-  w.l.assign(rows_pad, 0.f);
+  // Per KV head of the item: rows_pad rows of queries, accumulators, max, sum.
+  const size_t hstride = static_cast<size_t>(rows_pad) * hs;
+  w.qf.assign(nh * hstride, 0.f);
+  w.acc.assign(nh * hstride, 0.f);
+  w.m.assign(static_cast<size_t>(nh) * rows_pad, NEG);
+  w.l.assign(static_cast<size_t>(nh) * rows_pad, 0.f);
   w.s.assign(static_cast<size_t>(rows_pad) * KC, 0.f);
   w.tpos.assign(rows_pad, -1);
   w.kt.resize(static_cast<size_t>(hs) * KC);
@@ -338,9 +388,11 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
     const T* qrow = q_base + (p.qsl[r] + it.j0 + jj) * p.q_s0;
     for (int g = 0; g < group; ++g) {
       const int i = jj * group + g;
-      float* dst = w.qf.data() + static_cast<size_t>(i) * hs;
-      load_row<T>(qrow + (h * group + g) * p.q_s1, dst, hs);
-      for (int d = 0; d < hs; ++d) dst[d] *= p.scale;
+      for (int hh = 0; hh < nh; ++hh) {
+        float* dst = w.qf.data() + hh * hstride + static_cast<size_t>(i) * hs;
+        load_row<T>(qrow + ((it.h0 + hh) * group + g) * p.q_s1, dst, hs);
+        for (int d = 0; d < hs; ++d) dst[d] *= p.scale;
+      }
       w.tpos[i] = t_first + jj;
     }
   }
@@ -351,21 +403,46 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   // bf16 flash kernel's), float32 accumulation.
   constexpr bool dp_type = HAS_BF16_DOT && std::is_same<T, bf16>::value && D > 0 && D % 32 == 0;
   const bool dp = dp_type && many;
-  if (dp) {
-    w.qb.assign(static_cast<size_t>(rows_pad) * (hs / 2), 0u);
-    w.kt2.resize(static_cast<size_t>(hs / 2) * KC);
+  if (dp_type) {
+    w.qb.assign(nh * hstride / 2, 0u);
+    if (dp) w.kt2.resize(static_cast<size_t>(hs / 2) * KC);
     w.v2.resize(static_cast<size_t>(KC / 2) * hs);
     for (int jj = 0; jj < nq; ++jj) {
       const T* qrow = q_base + (p.qsl[r] + it.j0 + jj) * p.q_s0;
       for (int g = 0; g < group; ++g)
-        std::memcpy(w.qb.data() + static_cast<size_t>(jj * group + g) * (hs / 2),
-                    qrow + (h * group + g) * p.q_s1, sizeof(uint16_t) * hs);
+        for (int hh = 0; hh < nh; ++hh)
+          std::memcpy(w.qb.data() + hh * hstride / 2 + static_cast<size_t>(jj * group + g) * (hs / 2),
+                      qrow + ((it.h0 + hh) * group + g) * p.q_s1, sizeof(uint16_t) * hs);
     }
   }
 
-  auto chunk = [&](int64_t p0, int n) {
+  // The next chunk's keys and values into L2 while this one is computed: the
+  // blocks of a request lie anywhere in the cache, so the hardware sees a
+  // new stream every block (decode over many requests waits on memory).
+  auto prefetch = [&](int64_t p0, int n) {
+#if defined(__AVX2__) || defined(__AVX512F__)
     const int64_t blk = row_table[p0 / p.block_size];
-    const T* kp = kv_base + blk * p.kv_sb + h * p.kv_sh + (p0 % p.block_size) * p.kv_ss;
+    for (int hh = 0; hh < nh; ++hh) {
+      const char* c = reinterpret_cast<const char*>(kv_base + blk * p.kv_sb + (it.h0 + hh) * p.kv_sh +
+                                                    (p0 % p.block_size) * p.kv_ss);
+      const int64_t bytes = ((n - 1) * p.kv_ss + 2 * hs) * static_cast<int64_t>(sizeof(T));
+      for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+    }
+#else
+    (void)p0;
+    (void)n;
+#endif
+  };
+
+  // Keys [p0, p0 + n) (one block) against the rows of KV head hh.
+  auto chunk = [&](int64_t p0, int n, int hh) {
+    const int64_t blk = row_table[p0 / p.block_size];
+    const T* kp = kv_base + blk * p.kv_sb + (it.h0 + hh) * p.kv_sh + (p0 % p.block_size) * p.kv_ss;
+    const float* qf = w.qf.data() + hh * hstride;
+    float* acc = w.acc.data() + hh * hstride;
+    float* m = w.m.data() + hh * rows_pad;
+    float* l = w.l.data() + hh * rows_pad;
+    const uint32_t* qb = dp_type ? w.qb.data() + hh * hstride / 2 : nullptr;
     float* vb = w.vb.data();
     float* sc = w.s.data();
     // Values as floats once per chunk when many rows will read them; with
@@ -374,7 +451,7 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
       for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss + hs, vb + k * hs, hs);
     if (dp) {
       if constexpr (dp_type) {
-        bf16_dot_scores<D>(w, reinterpret_cast<const uint16_t*>(kp), p.kv_ss, n, rows_pad, p.scale, sc);
+        bf16_dot_scores<D>(w, qb, reinterpret_cast<const uint16_t*>(kp), p.kv_ss, n, rows_pad, p.scale, sc);
         bf16_pair_values<D>(w, reinterpret_cast<const uint16_t*>(kp + hs), p.kv_ss, n);
       }
     } else if (many) {
@@ -387,7 +464,7 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
       // SR rows at a time: SR x NK accumulators (16 vectors) in registers.
       constexpr int SR = NK <= 2 ? 8 : 4;
       for (int i = 0; i < rows_pad; i += SR) {
-        const float* q0 = w.qf.data() + static_cast<size_t>(i) * hs;
+        const float* q0 = qf + static_cast<size_t>(i) * hs;
         vf a[SR][NK] = {};
         for (int d = 0; d < hs; ++d) {
           vf k[NK];
@@ -400,13 +477,15 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
         for (int u = 0; u < SR; ++u)
           for (int c = 0; c < NK; ++c) vstore(sc + (i + u) * KC + c * VL, a[u][c]);
       }
+    } else if (dp_type) {
+      if constexpr (dp_type)
+        bf16_decode_scores<D>(qb, reinterpret_cast<const uint16_t*>(kp), p.kv_ss, n, rows, p.scale, sc);
     } else {
       float* kr = w.kr.data();
       if constexpr (D == 0)
         for (int k = 0; k < n; ++k) load_row<T>(kp + k * p.kv_ss, kr + k * hs, hs);
       if constexpr (D > 0) {
         // Key outer, rows inner: each key row is loaded once for all rows.
-        const float* qf = w.qf.data();
         for (int k = 0; k < n; ++k) {
           vf kv[NV];
           for (int v = 0; v < NV; ++v) kv[v] = vload_cvt(kp + k * p.kv_ss + v * VL);
@@ -419,7 +498,7 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
         }
       } else {
         for (int i = 0; i < rows; ++i) {
-          const float* q0 = w.qf.data() + static_cast<size_t>(i) * hs;
+          const float* q0 = qf + static_cast<size_t>(i) * hs;
           for (int k = 0; k < n; ++k) {
             const float* kk = kr + k * hs;
             float a = 0.f;
@@ -456,8 +535,8 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
           sv[c] = ((kk >= lo) & (kk < hi)) ? vload(si + c * VL) : vsplat(NEG);
           for (int k = 0; k < VL; ++k) m_chunk = std::max(m_chunk, sv[c][k]);
         }
-        const float m_new = std::max(w.m[i], m_chunk);
-        corr[u] = sexp(w.m[i] - m_new);
+        const float m_new = std::max(m[i], m_chunk);
+        corr[u] = sexp(m[i] - m_new);
         vf sum{};
         for (int c = 0; c < NK; ++c) {
           const vi kk = idx + c * VL;
@@ -465,8 +544,8 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
           sum += e;
           vstore(si + c * VL, e);
         }
-        w.l[i] = w.l[i] * corr[u] + vsum(sum);
-        w.m[i] = m_new;
+        l[i] = l[i] * corr[u] + vsum(sum);
+        m[i] = m_new;
       }
       if (!any) continue;
       // acc[i0..i0+3] = acc * corr + P[i0..i0+3, :n] @ V[:n]
@@ -474,35 +553,50 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
         // Rows in blocks of RB so the accumulators (RB x NV vectors) stay
         // in registers: 4 rows of 64 floats with AVX-512, 2 with AVX2.
         constexpr int RB = NV * 4 <= 16 ? 4 : (NV * 2 <= 16 ? 2 : 1);
-        for (int u0 = 0; u0 < 4; u0 += RB) {
-          float* a0 = w.acc.data() + static_cast<size_t>(i0 + u0) * hs;
+        auto block = [&](auto rows_c, int u0) {
+          constexpr int R = decltype(rows_c)::value;
+          float* a0 = acc + static_cast<size_t>(i0 + u0) * hs;
           const float* p0r = sc + (i0 + u0) * KC;
-          vf o[RB][NV];
-          for (int u = 0; u < RB; ++u)
+          vf o[R][NV];
+          for (int u = 0; u < R; ++u)
             for (int v = 0; v < NV; ++v) o[u][v] = vload(a0 + u * hs + v * VL) * corr[u0 + u];
           auto accumulate = [&](auto row_of) {
             for (int k = 0; k < n; ++k) {
               const auto* vr = row_of(k);
-              float c[RB];
-              for (int u = 0; u < RB; ++u) c[u] = p0r[u * KC + k];
+              float c[R];
+              for (int u = 0; u < R; ++u) c[u] = p0r[u * KC + k];
               for (int v = 0; v < NV; ++v) {
                 const vf x = vload_cvt(vr + v * VL);
-                for (int u = 0; u < RB; ++u) o[u][v] += c[u] * x;
+                for (int u = 0; u < R; ++u) o[u][v] += c[u] * x;
               }
             }
           };
           if (dp) {
-            if constexpr (dp_type) bf16_dot_values<D, RB>(w, n, p0r, o);
+            if constexpr (dp_type) bf16_dot_values<D, R>(w, n, p0r, o);
           } else if (many)
             accumulate([&](int k) { return vb + k * hs; });
           else
             accumulate([&](int k) { return kp + k * p.kv_ss + hs; });
-          for (int u = 0; u < RB; ++u)
+          for (int u = 0; u < R; ++u)
             for (int v = 0; v < NV; ++v) vstore(a0 + u * hs + v * VL, o[u][v]);
+        };
+        for (int u0 = 0; u0 < 4; u0 += RB) {
+          // Few rows (decode: the query heads of one KV head, often 3 or
+          // 7): exactly the rows there are, no padding rows.
+          const int left = many ? RB : rows - (i0 + u0);
+          if (left <= 0) break;
+          if (left >= RB)
+            block(std::integral_constant<int, RB>{}, u0);
+          else if (left == 3)
+            block(std::integral_constant<int, 3>{}, u0);
+          else if (left == 2)
+            block(std::integral_constant<int, 2>{}, u0);
+          else
+            block(std::integral_constant<int, 1>{}, u0);
         }
       } else {
         for (int u = 0; u < 4; ++u) {
-          float* ai = w.acc.data() + static_cast<size_t>(i0 + u) * hs;
+          float* ai = acc + static_cast<size_t>(i0 + u) * hs;
           const float* pi = sc + (i0 + u) * KC;
           for (int d = 0; d < hs; ++d) ai[d] *= corr[u];
           for (int k = 0; k < n; ++k)
@@ -512,11 +606,15 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
     }
   };
 
+  auto chunk_len = [&](int64_t pos, int64_t b) {
+    const int64_t block_end = (pos / p.block_size + 1) * p.block_size;
+    return static_cast<int>(std::min<int64_t>(std::min<int64_t>(b, block_end), pos + KC) - pos);
+  };
   auto range = [&](int64_t a, int64_t b) {
     for (int64_t pos = a; pos < b;) {
-      const int64_t block_end = (pos / p.block_size + 1) * p.block_size;
-      const int n = static_cast<int>(std::min<int64_t>(std::min<int64_t>(b, block_end), pos + KC) - pos);
-      chunk(pos, n);
+      const int n = chunk_len(pos, b);
+      if (pos + n < b) prefetch(pos + n, chunk_len(pos + n, b));
+      for (int hh = 0; hh < nh; ++hh) chunk(pos, n, hh);
       pos += n;
     }
   };
@@ -525,13 +623,14 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
 
   for (int jj = 0; jj < nq; ++jj) {
     T* orow = o_base + (p.qsl[r] + it.j0 + jj) * p.o_s0;
-    for (int g = 0; g < group; ++g) {
-      const int i = jj * group + g;
-      const float inv = 1.f / w.l[i];
-      const float* ai = w.acc.data() + static_cast<size_t>(i) * hs;
-      T* dst = orow + (h * group + g) * p.o_s1;
-      for (int d = 0; d < hs; ++d) from_f(ai[d] * inv, dst + d);
-    }
+    for (int hh = 0; hh < nh; ++hh)
+      for (int g = 0; g < group; ++g) {
+        const int i = jj * group + g;
+        const float inv = 1.f / w.l[hh * rows_pad + i];
+        const float* ai = w.acc.data() + hh * hstride + static_cast<size_t>(i) * hs;
+        T* dst = orow + ((it.h0 + hh) * group + g) * p.o_s1;
+        for (int d = 0; d < hs; ++d) from_f(ai[d] * inv, dst + d);
+      }
   }
 }
 
