@@ -113,7 +113,9 @@ def test_architecture_must_match_base():
 )
 def test_format_version_accepted(kw, expected):
     cfg = LightTransferConfig.from_hf_config(hf(**kw))
-    assert cfg.to_section()["format_version"] == FORMAT_VERSION
+    # Written back at the lowest version that expresses it (whole layers: 1),
+    # so a plugin of format 1 still serves per-layer folders.
+    assert cfg.to_section()["format_version"] == 1
     assert "format_version" not in cfg.extra
 
 
@@ -151,8 +153,7 @@ def test_newer_version_wins_over_unknown_keys():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        # The planned per-head streaming: changes attention, so never ignored.
-        (dict(streaming_kv_heads={"1": [0]}), "lighttransfer.streaming_kv_heads: unknown key"),
+        (dict(streaming_kv_head=[[0]]), "lighttransfer.streaming_kv_head: unknown key"),  # a typo
         (dict(sink_token=4), "lighttransfer.sink_token: unknown key"),  # a typo is not ignored
         (dict(provenance={"a": 1}), "lighttransfer.provenance: unknown key"),
         (dict(b=1, a=2), "lighttransfer.a, lighttransfer.b: unknown keys"),
@@ -188,7 +189,7 @@ def test_converter_writes_current_version():
 
     base = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4}
     section = converted_config(base, [1], 4, 60, {"method": "layers"})["lighttransfer"]
-    assert section["format_version"] == FORMAT_VERSION
+    assert section["format_version"] == 1  # whole layers: readable by format-1 plugins
     with pytest.raises(LightTransferConfigError, match="lighttransfer.notes: unknown key"):
         converted_config(base, [1], 4, 60, {"notes": "x"})  # refused when written, too
 
@@ -230,3 +231,49 @@ def test_base_from_architectures(archs, message):
     assert message in str(err.value)
     config["architectures"] = ["LightTransferQwen2ForCausalLM"]
     assert LightTransferConfig.from_hf_config(config).base_architecture == "Qwen2ForCausalLM"
+
+
+# ---------------------------------------------------------------- per KV head (format 2)
+
+
+def per_head(**kw):
+    cfg = hf(format_version=2, lazy_layers=[3], **kw)
+    cfg["num_key_value_heads"] = 3
+    return cfg
+
+
+def test_streaming_kv_heads_round_trip_and_helpers():
+    cfg = LightTransferConfig.from_hf_config(per_head(streaming_kv_heads=[[], [0, 2], [0, 1, 2], [1]]))
+    assert cfg.num_kv_heads == 3
+    assert [cfg.streaming_heads(i) for i in range(4)] == [(), (0, 2), (0, 1, 2), (0, 1, 2)]
+    assert [cfg.is_lazy(i) for i in range(4)] == [False, False, True, True]  # layer 3 via lazy_layers
+    assert cfg.split_layers == (1,)
+    assert cfg.lazy_fraction == pytest.approx(8 / 12)
+    section = cfg.to_section()
+    assert section["format_version"] == 2 and section["streaming_kv_heads"][1] == [0, 2]
+    assert LightTransferConfig.from_hf_config(dict(per_head(), lighttransfer=section)) == cfg
+    # KV bytes: the per-layer formula with KV heads in place of layers.
+    assert kv_bytes_ratio(cfg, 8192) == pytest.approx(1 - 8 / 12 * (1 - 1024 / 8192))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(streaming_kv_heads=[[0]] * 3),
+         "lighttransfer.streaming_kv_heads: expected a list with one entry per layer (4)"),
+        (dict(streaming_kv_heads=[[], [3], [], []]),
+         "lighttransfer.streaming_kv_heads[1] (layer 1) contains [3]: KV head indices must be in [0, 2]"),
+        (dict(streaming_kv_heads=[[], [], [2, 0], []]),
+         "lighttransfer.streaming_kv_heads[2]=[2, 0] (layer 2): KV head indices must be sorted and unique"),
+        (dict(streaming_kv_heads=[[], [], [], "0"]),
+         "lighttransfer.streaming_kv_heads[3]='0': expected a list of KV head indices in [0, 2]"),
+        (dict(streaming_kv_heads=[[]] * 4, format_version=1),
+         "lighttransfer.streaming_kv_heads needs lighttransfer.format_version >= 2 (got 1)"),
+    ],
+)
+def test_bad_streaming_kv_heads(kw, message):
+    config = per_head()
+    config["lighttransfer"].update(kw)
+    with pytest.raises(LightTransferConfigError) as err:
+        LightTransferConfig.from_hf_config(config)
+    assert message in str(err.value)

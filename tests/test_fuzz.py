@@ -133,6 +133,20 @@ def wrong_fields(config: dict) -> set[str]:
     window = section.get("window_tokens", 1)
     if not (is_int(window) and window >= 1):
         wrong.add(f"{SECTION}.window_tokens")
+    if "streaming_kv_heads" in section:
+        heads = section["streaming_kv_heads"]
+        kv = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        if not (
+            is_int(version) and version >= 2
+            and is_int(kv) and kv >= 1
+            and isinstance(heads, (list, tuple)) and n is not None and len(heads) == n
+            and all(
+                isinstance(e, (list, tuple)) and all(is_int(h) and 0 <= h < kv for h in e)
+                and list(e) == sorted(set(e))
+                for e in heads
+            )
+        ):
+            wrong.add(f"{SECTION}.streaming_kv_heads")
     return wrong
 
 
@@ -153,7 +167,8 @@ def check(config: dict, read, wrong: set[str] | None = None) -> None:
     # A valid config round-trips: to_section -> from_hf_config gives it back.
     again = LightTransferConfig.from_hf_config(dict(config, **{SECTION: cfg.to_section()}))
     assert again == cfg and dict(again.extra) == dict(cfg.extra)
-    assert cfg.to_section()["format_version"] == FORMAT_VERSION
+    # The lowest version that expresses it: 2 only with per-head streaming.
+    assert cfg.to_section()["format_version"] == (2 if cfg.streaming_kv_heads is not None else 1)
     assert list(cfg.lazy_layers) == sorted(cfg.lazy_layers)
 
 
@@ -164,7 +179,7 @@ bases = st.sampled_from(sorted(SUPPORTED_BASES))
 provenance_keys = st.sampled_from(sorted(PROVENANCE_KEYS))
 free_keys = st.text(max_size=6).map(lambda t: FREE_PREFIX + t)
 other_keys = st.sampled_from(
-    ["streaming_kv_heads", "sink_token", "provenance", "notes", "X_note", "x", "layer_types", ""]
+    ["streaming_kv_head", "sink_token", "provenance", "notes", "X_note", "x", "layer_types", ""]
 ) | st.text(max_size=12)
 
 

@@ -8,11 +8,13 @@ What it does
 Format (config.json)
     "architectures": ["LightTransferLlamaForCausalLM"],
     "lighttransfer": {
-        "format_version": 1,          # FORMAT_VERSION of the converter that wrote it
+        "format_version": 1,          # 1, or 2 where streaming_kv_heads is present
         "base_architecture": "LlamaForCausalLM",
         "lazy_layers": [1, 3, 5],     # decoder layer indices with streaming attention
-        "sink_tokens": 4,             # initial tokens every lazy layer keeps
-        "window_tokens": 1020,        # recent tokens every lazy layer keeps
+        "streaming_kv_heads": [[], [0, 2], ...],  # optional (format 2): per layer, the
+                                      # KV heads that stream (query heads follow)
+        "sink_tokens": 4,             # initial tokens every streaming head keeps
+        "window_tokens": 1020,        # recent tokens every streaming head keeps
         "scores": [...], "settings": {...}, ...   # provenance, never read here
         "x_anything": ...             # free provenance: any key starting "x_"
     }
@@ -30,7 +32,18 @@ Format (config.json)
     bumps ``format_version``, and a folder whose version is above
     ``FORMAT_VERSION`` is refused with "written by a newer converter".
     A missing ``format_version`` means 1: folders written before the field
-    existed stay servable.
+    existed stay servable. The converter writes the lowest version that
+    expresses the folder: 1 for whole lazy layers, 2 once
+    ``streaming_kv_heads`` is present (a version-1 plugin refuses those).
+
+Per KV head (format 2)
+    ``streaming_kv_heads`` has one entry per layer: the sorted KV head
+    indices in ``[0, num_key_value_heads)`` that stream in that layer; the
+    query heads of a KV head follow it. ``lazy_layers`` keeps its meaning
+    ("every KV head of that layer"); a folder may use either or both, and a
+    layer's streaming heads are the union. ``streaming_heads(layer)`` gives
+    it; ``split_layers`` lists the layers where some heads stream and some
+    do not.
 
 Constraints
     ``format_version`` an integer in ``[1, FORMAT_VERSION]`` (missing: 1),
@@ -63,11 +76,20 @@ SUPPORTED_BASES: dict[str, str] = {base: ours for ours, base in ARCHITECTURES.it
 # The section's format. Bump it with any change an older plugin would serve
 # wrongly (a new key that changes attention, a new meaning of an old one): the
 # older plugin then refuses the folder instead of serving today's semantics.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The first version that knows ``streaming_kv_heads``.
+PER_HEAD_VERSION = 2
 
 # Keys that decide what attention computes; each is validated below.
 SEMANTIC_KEYS = frozenset(
-    {"format_version", "base_architecture", "lazy_layers", "sink_tokens", "window_tokens"}
+    {
+        "format_version",
+        "base_architecture",
+        "lazy_layers",
+        "streaming_kv_heads",
+        "sink_tokens",
+        "window_tokens",
+    }
 )
 # Keys the converter records for provenance (convert.report.provenance, and
 # eval.runner's evaluation_variant): kept in ``extra``, never read.
@@ -107,6 +129,11 @@ class LightTransferConfig:
     base_architecture: str
     num_hidden_layers: int
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # Per layer, the KV heads that stream besides whole lazy layers (format
+    # 2); None: the folder streams whole layers only.
+    streaming_kv_heads: tuple[tuple[int, ...], ...] | None = None
+    # num_key_value_heads of the model (0: unknown; needed with streaming_kv_heads)
+    num_kv_heads: int = 0
 
     @property
     def architecture(self) -> str:
@@ -114,10 +141,42 @@ class LightTransferConfig:
 
     @property
     def lazy_fraction(self) -> float:
-        return len(self.lazy_layers) / self.num_hidden_layers
+        """Fraction of the model's KV heads that stream (whole lazy layers count all)."""
+        if self.streaming_kv_heads is None or not self.num_kv_heads:
+            return len(self.lazy_layers) / self.num_hidden_layers
+        streaming = sum(len(self.streaming_heads(i)) for i in range(self.num_hidden_layers))
+        return streaming / (self.num_hidden_layers * self.num_kv_heads)
 
     def is_lazy(self, layer_idx: int) -> bool:
-        return layer_idx in self.lazy_layers
+        """Every KV head of ``layer_idx`` streams."""
+        if layer_idx in self.lazy_layers:
+            return True
+        heads = self.streaming_heads(layer_idx)
+        return bool(heads) and len(heads) == self.num_kv_heads
+
+    def streaming_heads(self, layer_idx: int) -> tuple[int, ...]:
+        """The KV heads of ``layer_idx`` that stream: all for a lazy layer."""
+        if layer_idx in self.lazy_layers:
+            return tuple(range(self.num_kv_heads)) if self.num_kv_heads else ()
+        if self.streaming_kv_heads is None or not 0 <= layer_idx < len(self.streaming_kv_heads):
+            return ()
+        return self.streaming_kv_heads[layer_idx]
+
+    @property
+    def split_layers(self) -> tuple[int, ...]:
+        """Layers where some KV heads stream and others attend fully."""
+        if self.streaming_kv_heads is None:
+            return ()
+        return tuple(
+            i
+            for i in range(self.num_hidden_layers)
+            if 0 < len(self.streaming_heads(i)) < self.num_kv_heads
+        )
+
+    @property
+    def format_version(self) -> int:
+        """The lowest format that expresses this config."""
+        return PER_HEAD_VERSION if self.streaming_kv_heads is not None else 1
 
     def check_architecture(self, architecture: str) -> None:
         """Raise if ``architecture`` (one of ours) wraps another base than the section's."""
@@ -135,12 +194,14 @@ class LightTransferConfig:
     def to_section(self) -> dict[str, Any]:
         section = dict(self.extra)
         section.update(
-            format_version=FORMAT_VERSION,
+            format_version=self.format_version,
             base_architecture=self.base_architecture,
             lazy_layers=list(self.lazy_layers),
             sink_tokens=self.sink_tokens,
             window_tokens=self.window_tokens,
         )
+        if self.streaming_kv_heads is not None:
+            section["streaming_kv_heads"] = [list(h) for h in self.streaming_kv_heads]
         return section
 
     @classmethod
@@ -183,11 +244,16 @@ class LightTransferConfig:
                     f"{SECTION}.base_architecture is missing and architectures={archs!r} "
                     f"names none of ours; expected one of {', '.join(sorted(ARCHITECTURES))}"
                 )
-        return cls.validate(section, num_layers, base)
+        num_kv_heads = getter("num_key_value_heads") or getter("num_attention_heads")
+        return cls.validate(section, num_layers, base, num_kv_heads=num_kv_heads)
 
     @classmethod
     def validate(
-        cls, section: Mapping[str, Any], num_hidden_layers: int, base: str | None
+        cls,
+        section: Mapping[str, Any],
+        num_hidden_layers: int,
+        base: str | None,
+        num_kv_heads: int | None = None,
     ) -> "LightTransferConfig":
         if not isinstance(section, Mapping):
             raise LightTransferConfigError(
@@ -231,6 +297,7 @@ class LightTransferConfig:
             raise LightTransferConfigError(
                 f"{SECTION}.window_tokens={window!r}: expected an integer >= 1"
             )
+        heads = cls._check_streaming_kv_heads(section, num_hidden_layers, num_kv_heads)
         extra = {k: v for k, v in section.items() if k not in SEMANTIC_KEYS}
         return cls(
             lazy_layers=tuple(sorted(layers)),
@@ -239,7 +306,55 @@ class LightTransferConfig:
             base_architecture=base,
             num_hidden_layers=num_hidden_layers,
             extra=extra,
+            streaming_kv_heads=heads,
+            num_kv_heads=num_kv_heads if _is_int(num_kv_heads) and num_kv_heads > 0 else 0,
         )
+
+    @staticmethod
+    def _check_streaming_kv_heads(
+        section: Mapping[str, Any], num_hidden_layers: int, num_kv_heads: Any
+    ) -> tuple[tuple[int, ...], ...] | None:
+        if "streaming_kv_heads" not in section:
+            return None
+        key = f"{SECTION}.streaming_kv_heads"
+        version = section.get("format_version", 1)
+        if version < PER_HEAD_VERSION:
+            raise LightTransferConfigError(
+                f"{key} needs {SECTION}.format_version >= {PER_HEAD_VERSION} "
+                f"(got {version}): a plugin of format {version} would ignore it"
+            )
+        if not _is_int(num_kv_heads) or num_kv_heads < 1:
+            raise LightTransferConfigError(
+                f"{key}: num_key_value_heads={num_kv_heads!r} in config.json: expected an "
+                "integer >= 1 to check the head indices against"
+            )
+        value = section["streaming_kv_heads"]
+        if not isinstance(value, (list, tuple)) or len(value) != num_hidden_layers:
+            got = f"{len(value)} entries" if isinstance(value, (list, tuple)) else repr(value)
+            raise LightTransferConfigError(
+                f"{key}: expected a list with one entry per layer ({num_hidden_layers}), "
+                f"each a list of KV head indices in [0, {num_kv_heads - 1}]; got {got}"
+            )
+        out = []
+        for layer, entry in enumerate(value):
+            if not isinstance(entry, (list, tuple)) or not all(_is_int(h) for h in entry):
+                raise LightTransferConfigError(
+                    f"{key}[{layer}]={entry!r}: expected a list of KV head indices "
+                    f"in [0, {num_kv_heads - 1}]"
+                )
+            bad = [h for h in entry if not 0 <= h < num_kv_heads]
+            if bad:
+                raise LightTransferConfigError(
+                    f"{key}[{layer}] (layer {layer}) contains {bad}: KV head indices must be "
+                    f"in [0, {num_kv_heads - 1}] (num_key_value_heads={num_kv_heads})"
+                )
+            if list(entry) != sorted(set(entry)):
+                raise LightTransferConfigError(
+                    f"{key}[{layer}]={list(entry)!r} (layer {layer}): KV head indices "
+                    "must be sorted and unique"
+                )
+            out.append(tuple(entry))
+        return tuple(out)
 
     @staticmethod
     def _check_format(section: Mapping[str, Any]) -> None:
@@ -285,7 +400,9 @@ def kv_bytes_ratio(
     A lazy layer holds the sink blocks plus the window blocks plus one block
     for a window that does not start on a block boundary; a full layer holds
     every block of the context. With ``block_size=1`` this is the paper's
-    ``1 - lazy_fraction * (1 - (sink + window) / context)``.
+    ``1 - lazy_fraction * (1 - (sink + window) / context)``. Per KV head
+    (``streaming_kv_heads``) the same formula counts KV heads in place of
+    layers.
     """
     full_blocks = -(-context_tokens // block_size)
     lazy_blocks = min(
@@ -294,11 +411,13 @@ def kv_bytes_ratio(
         + -(-cfg.window_tokens // block_size)
         + (1 if block_size > 1 else 0),
     )
-    n_lazy = len(cfg.lazy_layers)
-    n_full = cfg.num_hidden_layers - n_lazy
-    return (n_full * full_blocks + n_lazy * lazy_blocks) / (
-        cfg.num_hidden_layers * full_blocks
-    )
+    if cfg.streaming_kv_heads is not None and cfg.num_kv_heads:
+        units = cfg.num_hidden_layers * cfg.num_kv_heads
+        n_lazy = sum(len(cfg.streaming_heads(i)) for i in range(cfg.num_hidden_layers))
+    else:
+        units = cfg.num_hidden_layers
+        n_lazy = len(cfg.lazy_layers)
+    return ((units - n_lazy) * full_blocks + n_lazy * lazy_blocks) / (units * full_blocks)
 
 
 class LightTransferConfigCheck:

@@ -4,9 +4,12 @@ What it does
     ``sink_window_mask`` is the rule itself: token ``t`` attends to key ``k``
     iff ``k <= t and (k < sink or k > t - window)``, on original positions
     (RoPE is applied before caching; nothing is re-indexed).
-    ``reference_attention`` applies it densely. ``ReferenceHybridModel`` runs a
-    transformers Llama/Mistral/Qwen2 model with that mask on the lazy layers
-    and plain causal attention elsewhere: no paging, no KV cache, no vLLM.
+    ``reference_attention`` applies it densely, to every head or (with
+    ``streaming_kv_heads``) to the query heads of the given KV heads only.
+    ``ReferenceHybridModel`` runs a transformers Llama/Mistral/Qwen2 model
+    with that mask on the streaming heads (all heads of a lazy layer, or the
+    ``streaming_kv_heads`` of a layer) and plain causal attention elsewhere:
+    no paging, no KV cache, no vLLM.
 
 Constraints
     Dense masks: O(L^2) memory, for tests and small checks only.
@@ -39,17 +42,28 @@ def reference_attention(
     scale: float,
     sink_tokens: int | None,
     window_tokens: int | None,
+    streaming_kv_heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Dense attention of one sequence; ``sink_tokens=None`` means plain causal."""
+    """Dense attention of one sequence; ``sink_tokens=None`` means plain causal.
+
+    ``streaming_kv_heads``: only these KV heads (and their query heads) use
+    sink + window, the others plain causal; None: every head streams.
+    """
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     group = num_heads // num_kv_heads
     k = key.repeat_interleave(group, dim=1).float()
     v = value.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", query.float(), k) * scale
+    causal = k_pos[None, :] <= q_pos[:, None]
     if sink_tokens is None:
-        mask = k_pos[None, :] <= q_pos[:, None]
+        mask = causal
     else:
         mask = sink_window_mask(q_pos, k_pos, sink_tokens, window_tokens)
+        if streaming_kv_heads is not None:
+            stream = torch.zeros(num_heads, dtype=torch.bool)
+            for h in streaming_kv_heads:
+                stream[h * group : (h + 1) * group] = True
+            mask = torch.where(stream[:, None, None], mask[None], causal[None])
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
@@ -110,17 +124,29 @@ class ReferenceHybridModel:
                 self._masks[key] = additive_mask(seq_len, None, None, torch.float32)
         return self._masks[key]
 
+    def _layer_mask(self, layer_idx: int, seq_len: int, num_kv_heads: int, group: int) -> torch.Tensor:
+        """``[1, 1 or H, L, L]``: sink + window on the layer's streaming heads."""
+        heads = self.cfg.streaming_heads(layer_idx) if self.cfg is not None else ()
+        if self.cfg is not None and self.cfg.is_lazy(layer_idx):
+            return self._mask(seq_len, True, torch.float32)
+        if not heads:
+            return self._mask(seq_len, False, torch.float32)
+        stream = torch.zeros(num_kv_heads, dtype=torch.bool)
+        stream[list(heads)] = True
+        stream = stream.repeat_interleave(group)[None, :, None, None]
+        return torch.where(stream, self._mask(seq_len, True, torch.float32),
+                           self._mask(seq_len, False, torch.float32))
+
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query: [B, H, L, D]; key/value: [B, Hkv, L, D]
         layer_idx = module.layer_idx
-        lazy = self.cfg is not None and self.cfg.is_lazy(layer_idx)
         seq_len = query.shape[2]
         group = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(group, dim=1).float()
         v = value.repeat_interleave(group, dim=1).float()
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
-        scores = scores + self._mask(seq_len, lazy, scores.dtype)
+        scores = scores + self._layer_mask(layer_idx, seq_len, key.shape[1], group)
         probs = scores.softmax(dim=-1)
         out = torch.matmul(probs, v).to(query.dtype)  # [B, H, L, D]
         return out.transpose(1, 2).contiguous(), probs

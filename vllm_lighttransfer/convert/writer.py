@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vllm_lighttransfer.config import (
-    FORMAT_VERSION,
+    PER_HEAD_VERSION,
     SECTION,
     SUPPORTED_BASES,
     LightTransferConfig,
@@ -51,18 +51,27 @@ def converted_config(
     sink_tokens: int,
     window_tokens: int,
     provenance: Mapping[str, Any] | None = None,
+    streaming_kv_heads: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Return the converted config.json content (validated)."""
+    """Return the converted config.json content (validated).
+
+    ``format_version`` is the lowest that expresses the folder: 1 for whole
+    lazy layers (plugins of format 1 serve it), ``PER_HEAD_VERSION`` with
+    ``streaming_kv_heads``.
+    """
     base = base_architecture(config)
     section = dict(provenance or {})
     section.update(
-        format_version=FORMAT_VERSION,
+        format_version=1 if streaming_kv_heads is None else PER_HEAD_VERSION,
         base_architecture=base,
         lazy_layers=sorted(lazy_layers),
         sink_tokens=sink_tokens,
         window_tokens=window_tokens,
     )
-    LightTransferConfig.validate(section, config["num_hidden_layers"], base)
+    if streaming_kv_heads is not None:
+        section["streaming_kv_heads"] = [sorted(h) for h in streaming_kv_heads]
+    num_kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    LightTransferConfig.validate(section, config["num_hidden_layers"], base, num_kv_heads=num_kv_heads)
     out = dict(config)
     for key in _STOCK_WINDOW_KEYS:
         if key in out and key != "sliding_window":
