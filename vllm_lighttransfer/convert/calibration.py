@@ -21,6 +21,14 @@ Built-in default (works offline)
     folder is located with ``importlib.util.find_spec`` without importing the
     package (its ``__init__`` pulls in LLM provider clients we do not need).
 
+Built-in retrieval prompts (``--calibration retrieval``)
+    Instead of text, seeded synthetic prompts that hide one access code
+    beyond the window and end where the answer starts, scored there
+    (``n_last`` 1 by default): ``convert/retrieval.py``. They share no text,
+    template, key format or seed with the quality tool's probes
+    (``eval/prompts.py``). A folder named ``retrieval`` is passed as
+    ``./retrieval`` on the command line, as a ``Path`` in Python.
+
 How prompts are cut
     All texts are joined with blank lines and tokenized once without special
     tokens; prompt ``i`` is the tokenizer's BOS (only if the tokenizer adds
@@ -120,7 +128,7 @@ def load_texts(path: str | Path | None = None) -> tuple[list[str], str]:
     return texts, str(path)
 
 
-def _bos_prefix(tokenizer: Any) -> list[int]:
+def bos_prefix(tokenizer: Any) -> list[int]:
     """The BOS token if the tokenizer adds one by default, else nothing."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -137,7 +145,7 @@ def calibration_prompts(
         raise LightTransferConfigError(
             f"calibration length={length}, count={count}: expected length >= 2 and count >= 1"
         )
-    prefix = _bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     body = length - len(prefix)
     stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     available = len(stream) // body

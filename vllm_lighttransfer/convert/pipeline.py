@@ -13,7 +13,9 @@ Flow
     check options -> check OUT -> resolve SRC (dequantize a GGUF into a
     scratch folder beside OUT) -> check the model -> layers (preset |
     explicit list | calibration + scoring + selection by ratio or threshold,
-    or by measured quality with ``max_loss``: ``convert/search.py``) ->
+    or by measured quality with ``max_loss``: ``convert/search.py``), or with
+    ``granularity="head"`` streaming KV heads (scoring + selection per
+    ``(layer, KV head)`` pair, written as format-2 ``streaming_kv_heads``) ->
     report -> write OUT atomically. Cheap checks come first, so a bad option fails in
     milliseconds, not after a model loads. Every expected failure raises
     ``LightTransferConfigError`` with a one-line message naming the flag or
@@ -22,7 +24,10 @@ Flow
 Options
     ``ConvertOptions`` mirrors the command line one to one (``lazy_ratio``
     is ``--lazy-ratio``, ...), so a message about ``--window-tokens`` means
-    the ``window_tokens`` field here too.
+    the ``window_tokens`` field here too. ``calibration="retrieval"`` is the
+    built-in retrieval prompts (``convert/retrieval.py``); its ``n_last``
+    defaults to ``RETRIEVAL_N_LAST`` (the answer position), the text
+    calibration's to ``DEFAULT_N_LAST``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ DEFAULT_N_LAST = 32
 DEFAULT_LAZY_RATIO = 0.5
 DEFAULT_CAL_LENGTH = 4096
 DEFAULT_CAL_COUNT = 6
+GRANULARITIES = ("layer", "head")
+DEFAULT_GRANULARITY = "layer"
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class ConvertOptions:
     preset: str | None = None
     sink_tokens: int | None = None
     window_tokens: int | None = None
-    n_last: int = DEFAULT_N_LAST
+    n_last: int | None = None
     calibration: str | Path | None = None
     calibration_length: int = DEFAULT_CAL_LENGTH
     calibration_count: int = DEFAULT_CAL_COUNT
@@ -76,6 +83,9 @@ class ConvertOptions:
     max_loss: float | None = None
     search_ratios: tuple[float, ...] | None = None
     search_length: int | None = None
+    # "layer": lazy_layers; "head": streaming_kv_heads (lazy_ratio and
+    # threshold then count (layer, KV head) pairs).
+    granularity: str = DEFAULT_GRANULARITY
 
     @property
     def scoring(self) -> bool:
@@ -96,6 +106,7 @@ class ScoredSource:
     scores: Any  # convert.scoring.LayerScores
     calibration_source: str
     seconds: dict[str, float]
+    calibration_details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def per_prompt(self) -> list[list[float]]:
@@ -120,10 +131,27 @@ def check_options(
     options: ConvertOptions, check_device: Callable[[str], Any] = check_device
 ) -> ConvertOptions:
     """Validate ``options`` without touching the model; returns them with defaults filled in."""
+    from vllm_lighttransfer.convert.retrieval import RETRIEVAL_N_LAST, is_retrieval
     from vllm_lighttransfer.convert.scoring import validate_scoring_settings
     from vllm_lighttransfer.convert.select import check_lazy_ratio, check_threshold
 
     o = options
+    if o.granularity not in GRANULARITIES:
+        raise LightTransferConfigError(
+            f"--granularity={o.granularity}: expected one of {', '.join(GRANULARITIES)}"
+        )
+    if o.granularity == "head":
+        for flag, value in (("--layers", o.layers), ("--preset", o.preset),
+                            ("--max-loss", o.max_loss)):
+            if value is not None:
+                raise LightTransferConfigError(
+                    f"{flag} chooses whole layers; it cannot be combined with --granularity "
+                    "head (drop one of them)"
+                )
+    if o.n_last is None:
+        o = dataclasses.replace(
+            o, n_last=RETRIEVAL_N_LAST if is_retrieval(o.calibration) else DEFAULT_N_LAST
+        )
     if o.max_loss is not None and (
         not o.scoring or o.lazy_ratio is not None or o.threshold is not None
     ):
@@ -248,7 +276,7 @@ def score_source(
     hf_dir: Path,
     sink_tokens: int = DEFAULT_SINK,
     window_tokens: int = DEFAULT_WINDOW,
-    n_last: int = DEFAULT_N_LAST,
+    n_last: int | None = None,
     calibration: str | Path | None = None,
     calibration_length: int = DEFAULT_CAL_LENGTH,
     calibration_count: int = DEFAULT_CAL_COUNT,
@@ -257,20 +285,35 @@ def score_source(
     progress: bool = True,
     model: Any = None,
 ) -> ScoredSource:
-    """Calibration prompts from ``calibration`` (default: the built-in essays),
-    then every layer's laziness score on them (``convert.scoring``).
+    """Calibration prompts from ``calibration`` (default: the built-in essays;
+    ``"retrieval"``: the built-in retrieval prompts), then every layer's and
+    KV head's laziness score on them (``convert.scoring``).
 
+    ``n_last``: ``None`` is the calibration's default (see module doc).
     ``model``: an already loaded causal LM of ``hf_dir`` (else it is loaded
     here and freed afterwards).
     """
     from transformers import AutoTokenizer
 
     from vllm_lighttransfer.convert import calibration as cal
+    from vllm_lighttransfer.convert import retrieval as ret
     from vllm_lighttransfer.convert.scoring import check_prompt_length, load_model, score_layers
 
-    texts, cal_source = cal.load_texts(calibration)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    prompts = cal.calibration_prompts(tokenizer, texts, calibration_length, calibration_count)
+    details: dict[str, Any] = {}
+    if ret.is_retrieval(calibration):
+        n_last = ret.RETRIEVAL_N_LAST if n_last is None else n_last
+        built = ret.retrieval_prompts(
+            tokenizer, calibration_length, calibration_count, sink_tokens, window_tokens
+        )
+        prompts = [list(p.token_ids) for p in built]
+        cal_source = ret.RETRIEVAL_DESCRIPTION
+        details = {"seed": ret.RETRIEVAL_SEED, "fact_start": [p.fact_start for p in built],
+                   "fact_tokens": [p.fact_tokens for p in built]}
+    else:
+        n_last = DEFAULT_N_LAST if n_last is None else n_last
+        texts, cal_source = cal.load_texts(calibration)
+        prompts = cal.calibration_prompts(tokenizer, texts, calibration_length, calibration_count)
     logger.info("calibration: %d prompts of %s tokens from %s",
                 len(prompts), sorted({len(p) for p in prompts}), cal_source)
     # Fail on too-short calibration before the model loads.
@@ -283,15 +326,20 @@ def score_source(
         seconds["model_load"] = time.perf_counter() - t0
     scores = score_layers(model, prompts, sink_tokens, window_tokens, n_last, progress=progress)
     seconds["scoring"] = scores.seconds
-    return ScoredSource(scores, cal_source, seconds)
+    return ScoredSource(scores, cal_source, seconds, details)
 
 
 def _scored_layers(
     options: ConvertOptions, hf_dir: Path, config: dict[str, Any]
-) -> tuple[list[int], dict, dict, dict, dict[str, float], dict | None]:
-    """Calibrate, score and select; returns layers, settings, scores, selection,
+) -> tuple[list[int], list[list[int]] | None, dict, dict, dict, dict[str, float], dict | None]:
+    """Calibrate, score and select; returns layers, streaming KV heads
+    (``granularity="head"`` only, else None), settings, scores, selection,
     timings and the quality search's report part (``max_loss`` only)."""
-    from vllm_lighttransfer.convert.select import select_by_ratio, select_by_threshold
+    from vllm_lighttransfer.convert.select import (
+        select_by_ratio,
+        select_by_threshold,
+        select_heads,
+    )
     from vllm_lighttransfer.convert.writer import base_architecture
 
     o = options
@@ -313,7 +361,14 @@ def _scored_layers(
     seconds.update(scored.seconds)
     scores, per_prompt = scored.scores, scored.per_prompt
     search_part = None
-    if search is not None:
+    heads = head_sel = None
+    if o.granularity == "head":
+        rule = "threshold" if o.threshold is not None else "lazy_ratio"
+        head_sel = select_heads(
+            scores.per_kv_head.tolist(), rule, o.threshold if rule == "threshold" else o.lazy_ratio
+        )
+        heads = [list(h) for h in head_sel.streaming_kv_heads]
+    elif search is not None:
         from transformers import AutoTokenizer
 
         from vllm_lighttransfer.convert.search import run_search
@@ -335,6 +390,7 @@ def _scored_layers(
     else:
         sel = select_by_ratio(per_prompt, o.lazy_ratio)
     settings = {
+        "granularity": o.granularity,
         "sink_tokens": o.sink_tokens,
         "window_tokens": o.window_tokens,
         "n_last": o.n_last,
@@ -344,6 +400,7 @@ def _scored_layers(
             "count": o.calibration_count,
             "prompts_used": len(scores.prompt_lengths),
             "prompt_tokens": list(scores.prompt_lengths),
+            **scored.calibration_details,
         },
         "dtype": o.dtype,
         "device": o.device,
@@ -354,14 +411,20 @@ def _scored_layers(
     score_dict = {
         "mean": scores.mean,
         "std": scores.std,
-        "lazy_frequency": list(sel.lazy_frequency),
         "per_prompt": per_prompt,
         "per_head_mean": scores.per_head.mean(dim=0).tolist(),
+        "kv_head_mean": scores.kv_head_mean,
+        "kv_head_per_prompt": scores.per_kv_head.tolist(),
     }
+    if head_sel is not None:
+        # Frequencies are the (layer, KV head) pairs'; a layer has none here.
+        score_dict["kv_head_lazy_frequency"] = [list(f) for f in head_sel.lazy_frequency]
+        return [], heads, settings, score_dict, head_sel.to_dict(), seconds, None
+    score_dict["lazy_frequency"] = list(sel.lazy_frequency)
     selection = sel.to_dict()
     if search_part is not None:
         selection.update(rule="max_loss", max_loss=o.max_loss, lazy_ratio=search_part["chosen_ratio"])
-    return list(sel.lazy_layers), settings, score_dict, selection, seconds, search_part
+    return list(sel.lazy_layers), None, settings, score_dict, selection, seconds, search_part
 
 
 # ---------------------------------------------------------------- convert
@@ -395,7 +458,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if config.get("_name_or_path") or config.get("_model_name_or_path"):
             source["name"] = config.get("_name_or_path") or config.get("_model_name_or_path")
 
-        scores = selection = search = None
+        scores = selection = search = heads = None
         if o.preset is not None:
             preset = load_preset(o.preset)
             check_preset_matches(preset, config, base)
@@ -417,22 +480,25 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 o.sink_tokens, o.window_tokens, o.n_last,
                 o.calibration_length, config.get("max_position_embeddings"),
             )
-            layers, settings, scores, selection, score_timings, search = _scored_layers(
+            layers, heads, settings, scores, selection, score_timings, search = _scored_layers(
                 o, hf_dir, config
             )
             timings.update(score_timings)
             sink, window, method = o.sink_tokens, o.window_tokens, "scored"
-        if not layers:
-            logger.warning("no layer selected as lazy: OUT will serve full attention everywhere")
+        if not layers and not any(heads or ()):
+            what = "layer" if heads is None else "KV head"
+            logger.warning("no %s selected as lazy: OUT will serve full attention everywhere", what)
 
         # Validate the section once without provenance, then with it.
-        new_config = converted_config(config, layers, sink, window)
+        new_config = converted_config(config, layers, sink, window, streaming_kv_heads=heads)
         timings["total"] = time.perf_counter() - t_start
         report = build_report(
             source=source, config=new_config, method=method, settings=settings,
             scores=scores, selection=selection, timings=timings,
         )
-        new_config = converted_config(config, layers, sink, window, provenance(report))
+        new_config = converted_config(
+            config, layers, sink, window, provenance(report), streaming_kv_heads=heads
+        )
         if search is not None:
             report["quality_search"] = search
         extra = {REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()}
@@ -443,10 +509,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 f"{o.n_last} queries, {len(scores['per_prompt'])} x "
                 f"{max(settings['calibration']['prompt_tokens'])}-token prompts)"
             )
-            extra[PLOT_FILE] = plot_scores(
-                scores["mean"], scores["std"], scores["lazy_frequency"], layers, title,
-                threshold=o.threshold,
-            )
+            if heads is None:
+                extra[PLOT_FILE] = plot_scores(
+                    scores["mean"], scores["std"], scores["lazy_frequency"], layers, title,
+                    threshold=o.threshold,
+                )
+            else:
+                extra[PLOT_FILE] = plot_scores(
+                    scores["mean"], scores["std"], None, layers, title, threshold=o.threshold,
+                    kv_head_scores=scores["kv_head_mean"], streaming_kv_heads=heads,
+                )
         if search is not None:
             from vllm_lighttransfer.convert.search import PLOT_FILE as SEARCH_PLOT, plot_search
 
@@ -462,5 +534,9 @@ def convert(options: ConvertOptions) -> ConvertResult:
             )
         except FileExistsError as exc:
             raise LightTransferConfigError(str(exc)) from None
-    logger.info("lazy layers (%d of %d): %s", len(layers), num_layers, layers)
+    if heads is None:
+        logger.info("lazy layers (%d of %d): %s", len(layers), num_layers, layers)
+    else:
+        logger.info("streaming KV heads: %d of %d", report["num_streaming_kv_heads"],
+                    num_layers * report["num_kv_heads"])
     return ConvertResult(out, report)

@@ -24,6 +24,14 @@ The score, exactly
     than S does, so S is the stricter of the two by at most ``n_last - 1``
     keys per query: a lazy score never flatters a layer.
 
+Per KV head
+    The same mass, averaged over the query heads that read one KV head
+    (GQA: query head ``j`` reads KV head ``j // (H / Hkv)``, transformers'
+    ``repeat_kv`` order): ``LayerScores.per_kv_head``, ``[prompts, layers,
+    Hkv]``. Every KV head has the same number of query heads, so the mean of
+    a layer's KV-head scores is its layer score; the layer score itself is
+    still computed as the mean over all query heads, unchanged.
+
 Memory
     The model runs its normal attention (transformers' SDPA path, which never
     builds an ``L x L`` matrix on CPU). A custom attention function registered
@@ -141,6 +149,7 @@ class _Collector:
     n_last: int
     num_layers: int
     per_head: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_kv_heads: int = 0
     progress: Any = None
 
     def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -149,6 +158,7 @@ class _Collector:
                 query, key, scaling, self.sink_tokens, self.window_tokens, self.n_last
             )
         self.per_head[layer_idx] = mass[0].cpu()
+        self.num_kv_heads = key.shape[1]
         if self.progress is not None:
             self.progress.update(1)
 
@@ -195,7 +205,8 @@ def _scoring_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
 class LayerScores:
     """Scores of every layer on every calibration prompt."""
 
-    per_head: torch.Tensor  # [prompts, layers, heads], float32
+    per_head: torch.Tensor  # [prompts, layers, heads], float32; query heads
+    num_kv_heads: int
     sink_tokens: int
     window_tokens: int
     n_last: int
@@ -207,8 +218,18 @@ class LayerScores:
         return self.per_head.mean(dim=-1)
 
     @property
+    def per_kv_head(self) -> torch.Tensor:  # [prompts, layers, kv_heads]
+        prompts, layers, heads = self.per_head.shape
+        group = heads // self.num_kv_heads
+        return self.per_head.view(prompts, layers, self.num_kv_heads, group).mean(dim=-1)
+
+    @property
     def mean(self) -> list[float]:
         return self.per_prompt.mean(dim=0).tolist()
+
+    @property
+    def kv_head_mean(self) -> list[list[float]]:  # [layers][kv_heads]
+        return self.per_kv_head.mean(dim=0).tolist()
 
     @property
     def std(self) -> list[float]:
@@ -253,6 +274,7 @@ def score_layers(
     num_layers = model.config.num_hidden_layers
     device = next(model.parameters()).device
     rows = []
+    num_kv_heads = 0
     start = time.perf_counter()
     bar = tqdm(
         total=len(prompts) * num_layers, desc="Scoring layers", unit="layer", disable=not progress
@@ -276,12 +298,14 @@ def score_layers(
                         f"{type(model).__name__} does not use transformers' AttentionInterface"
                     )
                 rows.append(torch.stack([collector.per_head[l] for l in range(num_layers)]))
+                num_kv_heads = collector.num_kv_heads
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     logger.info("scored %d layers on %d prompts in %.1f s", num_layers, len(prompts), seconds)
     return LayerScores(
         per_head=torch.stack(rows),
+        num_kv_heads=num_kv_heads,
         sink_tokens=sink_tokens,
         window_tokens=window_tokens,
         n_last=n_last,

@@ -1,9 +1,11 @@
-"""Choose the lazy layers from their scores.
+"""Choose the lazy layers (or streaming KV heads) from their scores.
 
 What it does
     Turns per-prompt layer scores (see ``scoring.py``; higher = lazier) into
-    the fixed ``lazy_layers`` list a converted model carries. Pure Python,
-    no torch, no vLLM: tests run in microseconds.
+    the fixed ``lazy_layers`` list a converted model carries;
+    ``select_heads`` does the same for per-KV-head scores and returns the
+    ``streaming_kv_heads`` of a format-2 folder (``--granularity head``).
+    Pure Python, no torch, no vLLM: tests run in microseconds.
 
 Rules
     * ``lazy_ratio`` (paper default 0.5): ``k = round_half_up(ratio * layers)``
@@ -18,6 +20,11 @@ Rules
     * Ranking, laziest first, is by frequency, then mean score, then the
       lower layer index: a total order, so ties are broken deterministically
       and the same scores always give the same layers.
+    * Per KV head (``select_heads``): the same rules over every
+      ``(layer, KV head)`` pair, pair ``(l, h)`` being unit ``l * Hkv + h``:
+      ``lazy_ratio`` is the fraction of all pairs that stream, ``threshold``
+      applies to each pair's mean score, ties go to the lower layer, then the
+      lower head.
 """
 
 from __future__ import annotations
@@ -120,6 +127,65 @@ def select_by_threshold(per_prompt: Sequence[Sequence[float]], threshold: float)
         lazy_frequency=tuple(frequency),
         rule="threshold",
         value=threshold,
+    )
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """``Selection`` per ``(layer, KV head)`` pair; lists are ``[layer][kv_head]``."""
+
+    streaming_kv_heads: tuple[tuple[int, ...], ...]  # per layer, sorted
+    ranking: tuple[tuple[int, int], ...]  # every (layer, kv_head), laziest first
+    mean_scores: tuple[tuple[float, ...], ...]
+    lazy_frequency: tuple[tuple[float, ...], ...]
+    rule: str  # "lazy_ratio" | "threshold"
+    value: float
+
+    @property
+    def num_streaming(self) -> int:
+        return sum(len(h) for h in self.streaming_kv_heads)
+
+    def to_dict(self) -> dict:
+        return {
+            "granularity": "head",
+            "rule": self.rule,
+            self.rule: self.value,
+            "streaming_kv_heads": [list(h) for h in self.streaming_kv_heads],
+            "ranking": [list(p) for p in self.ranking],
+        }
+
+
+def select_heads(
+    per_prompt_heads: Sequence[Sequence[Sequence[float]]], rule: str, value: float
+) -> HeadSelection:
+    """Choose streaming KV heads from ``[prompts][layers][kv_heads]`` scores by
+    ``rule`` ("lazy_ratio" or "threshold", see module doc)."""
+    if not per_prompt_heads or not per_prompt_heads[0] or not per_prompt_heads[0][0]:
+        raise LightTransferConfigError("no KV-head scores to select from")
+    num_layers, num_kv = len(per_prompt_heads[0]), len(per_prompt_heads[0][0])
+    if any(len(layer) != num_kv for row in per_prompt_heads for layer in row):
+        raise LightTransferConfigError("every layer must score the same number of KV heads")
+    flat = [[s for layer in row for s in layer] for row in per_prompt_heads]
+    if rule == "lazy_ratio":
+        sel = select_by_ratio(flat, value)
+    elif rule == "threshold":
+        sel = select_by_threshold(flat, value)
+    else:
+        raise ValueError(f"rule={rule!r}: expected 'lazy_ratio' or 'threshold'")
+    chosen = set(sel.lazy_layers)  # units l * num_kv + h
+
+    def grid(values: Sequence[float]) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(values[l * num_kv : (l + 1) * num_kv]) for l in range(num_layers))
+
+    return HeadSelection(
+        streaming_kv_heads=tuple(
+            tuple(h for h in range(num_kv) if l * num_kv + h in chosen) for l in range(num_layers)
+        ),
+        ranking=tuple(divmod(u, num_kv) for u in sel.ranking),
+        mean_scores=grid(sel.mean_scores),
+        lazy_frequency=grid(sel.lazy_frequency),
+        rule=rule,
+        value=value,
     )
 
 
