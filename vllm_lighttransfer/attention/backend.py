@@ -10,7 +10,7 @@ What it does
 
     * CPU: ``cpu_kernel`` (a C++ op built on first use) reads the paged cache
       in place; against vLLM's own CPU sliding-window kernel over the same
-      keys 1.4x faster in prefill, 0.85-1.4x in decode
+      keys 1.4x faster in prefill, 1.2-2x in decode
       (``bench/kernel_bench.py``).
     * CUDA: ``triton_sink_window`` (a Triton kernel, in place, CUDA-graph
       safe, FP8 KV cache).

@@ -2,12 +2,13 @@
 //
 // What it does
 //   run_items() computes a lazy layer's attention for a range of work
-//   items; an item is (request, query tile, KV head). Each reads only the
-//   key chunks it may attend to, the sink range [0, min(sink, t_last + 1))
-//   and the window range [max(sink, t_first - window + 1), t_last], block
-//   by block through the block table, straight from the cache (no gathered
-//   copy). Online softmax in float32; the query heads of one KV head are
-//   folded into the rows of the item.
+//   items; an item is (request, query tile, KV heads): one KV head when the
+//   tile has many rows (prefill), all of them when it has few (decode).
+//   Each reads only the key chunks it may attend to, the sink range
+//   [0, min(sink, t_last + 1)) and the window range
+//   [max(sink, t_first - window + 1), t_last], block by block through the
+//   block table, straight from the cache (no gathered copy). Online softmax
+//   in float32; the query heads of one KV head are folded into the rows.
 //
 // Semantics
 //   Query at position t attends key k iff k <= t and (k < sink or
@@ -25,9 +26,13 @@
 //   A tile of Q queries reads sink + window + Q - 1 keys once for all its
 //   Q x (heads per KV head) rows. Scores: with many rows (prefill), a key
 //   chunk is transposed once and every row is a broadcast-FMA over 32 keys;
-//   with few rows (decode), dot products straight from the key rows.
-//   P @ V: four rows at a time, accumulators in registers. exp: a
-//   polynomial on whole vectors (libm's scalar exp dominated otherwise).
+//   with few rows (decode), dot products straight from the key rows (bf16:
+//   pair products, 16 keys' partial sums reduced by one add tree). A decode
+//   item covers every KV head of its request, so it reads each block's
+//   heads as one contiguous stretch, and prefetches the next block into L2.
+//   P @ V: up to four rows at a time (no padding rows in decode),
+//   accumulators in registers. exp: a polynomial on whole vectors (libm's
+//   scalar exp dominated otherwise).
 //
 // Portability
 //   Plain C++ with GCC/Clang vector extensions (16 floats): the compiler
