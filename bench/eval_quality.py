@@ -11,6 +11,12 @@ Compares, on the same prompts and through the real serving path (in-process
                 sanity check that the probes are sensitive at all)
   task-F        (--task-calibrated) layers scored on retrieval prompts, last
                 query only, instead of plain essays (a diagnostic variant)
+  head-F        (--head-fractions) the fraction F of all (layer, KV head) pairs
+                streaming, the pairs `lighttransfer convert --granularity head
+                --calibration retrieval --lazy-ratio F` picks: same KV bytes
+                as score-F, chosen per KV head by a retrieval-aware score
+  head-essay-F  (--head-essay-fractions) per KV head by the essay score
+                (granularity alone, without the retrieval calibration)
 
 Probes (``vllm_lighttransfer/eval/prompts.py``): a pass key in repeated
 filler text, and a "secret number/word of a city" needle in the Paul Graham
@@ -27,13 +33,15 @@ parts on PyPI: see vllm_lighttransfer/convert/sources.py), or an HF folder.
 
 Outputs under --out (default results/quality[-MODEL][-quick]): summary.md (tables),
 summary.json, records.jsonl (every answer), heatmap_<variant>.png
-(depth x length per task), heatmaps_all.png, raw/<variant>.json.
+(depth x length per task), heatmaps_all.png, raw/<variant>.json, and the
+cached scores layer_scores.json and retrieval_scores.json (head-F).
 
 Usage
   python bench/eval_quality.py                 # the full evaluation (SmolLM2: under 60 min)
   python bench/eval_quality.py --quick         # under 10 minutes
   python bench/eval_quality.py --resume        # reuse raw/<variant>.json of an earlier run
   python bench/eval_quality.py --resume --task-calibrated   # add task-50 to that run
+  python bench/eval_quality.py --resume --head-fractions 0.25,0.5   # add head-25, head-50
 """
 
 from __future__ import annotations
@@ -132,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--task-calibrated", action="store_true",
                     help="add task-F variants: layers scored on retrieval prompts (see runner)")
     ap.add_argument("--task-fractions", type=_floats, default=[0.5])
+    ap.add_argument("--head-fractions", type=_floats, default=[],
+                    help="add head-F variants: this fraction of (layer, KV head) pairs streaming, "
+                    "by the converter's retrieval calibration per KV head (comma list; "
+                    "default none)")
+    ap.add_argument("--head-essay-fractions", type=_floats, default=[],
+                    help="add head-essay-F variants: per KV head by the essay score (default none)")
     ap.add_argument("--ppl-length", type=int, default=None, help="tokens per perplexity chunk")
     ap.add_argument("--ppl-chunks", type=int, default=None, help="perplexity chunks (0: none)")
     ap.add_argument("--sink-tokens", type=int, default=4)
@@ -139,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scores-report", default=None,
                     help="take layer scores from this lighttransfer_report.json instead of scoring")
     ap.add_argument("--calibration-count", type=int, default=None,
-                    help="calibration prompts for the layer scores (default: the converter's, 6); "
-                    "fewer is faster on a big model")
+                    help="calibration prompts for the layer and KV-head scores (default: the "
+                    "converter's, 6); fewer is faster on a big model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
@@ -154,6 +168,28 @@ def resolve_model(name: str, workdir: Path) -> Path:
     from vllm_lighttransfer.convert.sources import named_model
 
     return named_model(name, workdir)
+
+
+# Settings the report reads but no variant's answers depend on: left out of
+# the --resume key, so raw files of earlier runs still match.
+NOT_IN_KEY = ("longest_variants", "num_layers", "num_kv_heads", "base_architecture")
+
+
+def variant_key(settings: dict, probes: list, variant) -> dict:
+    """What ``variant``'s answers depend on (not which other variants ran)."""
+    key = {"settings": {k: x for k, x in settings.items() if k not in NOT_IN_KEY},
+           "lengths": sorted({p.length for p in probes}),
+           "lazy_layers": list(variant.lazy_layers or []) or None, "probes": len(probes)}
+    if variant.streaming_kv_heads is not None:  # absent otherwise: earlier keys still match
+        key["streaming_kv_heads"] = [list(h) for h in variant.streaming_kv_heads]
+    return key
+
+
+def describe(variant) -> str:
+    if variant.streaming_kv_heads is not None:
+        pairs = sum(len(h) for h in variant.streaming_kv_heads)
+        return f"{pairs} streaming KV heads in {sum(map(bool, variant.streaming_kv_heads))} layers"
+    return f"lazy layers {list(variant.lazy_layers or [])}"
 
 
 def default_out(model: str, quick: bool) -> Path:
@@ -174,6 +210,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from vllm_lighttransfer.convert.retrieval import RETRIEVAL
+    from vllm_lighttransfer.convert.writer import base_architecture
     from vllm_lighttransfer.eval import prompts as P
     from vllm_lighttransfer.eval import report
     from vllm_lighttransfer.eval.runner import (
@@ -191,15 +229,25 @@ def main(argv=None) -> int:
     (out / "raw").mkdir(parents=True, exist_ok=True)
     src = resolve_model(args.model, Path(args.workdir))
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    num_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    model_config = json.loads((src / "config.json").read_text())
+    num_layers = model_config["num_hidden_layers"]
+    num_kv_heads = model_config.get("num_key_value_heads") or model_config["num_attention_heads"]
 
     # 1. Which layers are lazy (the converter's scores, cached).
     t0 = time.perf_counter()
     scores = layer_scores(
         src, cache=out / "layer_scores.json",
         report=Path(args.scores_report) if args.scores_report else None,
-        calibration_count=args.calibration_count,
+        calibration_count=args.calibration_count, kv_heads=bool(args.head_essay_fractions),
     )
+    head_scores = None
+    if args.head_fractions:
+        head_scores = layer_scores(
+            src, cache=out / "retrieval_scores.json", calibration=RETRIEVAL,
+            sink_tokens=args.sink_tokens, window_tokens=args.window_tokens,
+            calibration_count=args.calibration_count, kv_heads=True,
+        )
+        scores["retrieval_kv_head_mean"] = head_scores["kv_head_mean"]
     task_scores = None
     if args.task_calibrated:
         task_scores = task_layer_scores(src, tokenizer, cache=out / "task_layer_scores.json")
@@ -211,6 +259,10 @@ def main(argv=None) -> int:
         stream_all=not args.no_stream_all,
         task_per_prompt=task_scores["per_prompt"] if task_scores else None,
         task_fractions=args.task_fractions,
+        head_per_prompt=head_scores["kv_head_per_prompt"] if head_scores else None,
+        head_fractions=args.head_fractions,
+        essay_head_per_prompt=scores.get("kv_head_per_prompt"),
+        head_essay_fractions=args.head_essay_fractions,
     )
     if args.variants:
         keep = set(args.variants.split(","))
@@ -242,12 +294,13 @@ def main(argv=None) -> int:
         "ppl_chunks": args.ppl_chunks, "seed": args.seed, "dtype": args.dtype,
         "longest_variants": sorted(longest_set), "max_tokens": args.max_tokens,
         "head_dtype": "float32",
+        "num_layers": num_layers, "num_kv_heads": num_kv_heads,
+        "base_architecture": base_architecture(model_config),
     }
     print(f"model {src} ({num_layers} layers); scores from {scores['from']}", flush=True)
     for v in variants:
         lengths = [n for n in args.lengths if n < longest or v.name in longest_set]
-        print(f"  {v.name:<11} lengths {lengths}  lazy layers {list(v.lazy_layers or [])}",
-              flush=True)
+        print(f"  {v.name:<13} lengths {lengths}  {describe(v)}", flush=True)
 
     # Room for the longest prompt and its answer, in whole 32-token blocks.
     longest_prompt = max([args.ppl_length if args.ppl_chunks else 0, *args.lengths])
@@ -262,10 +315,7 @@ def main(argv=None) -> int:
         bar.set_postfix(variant=v.name)
         raw = out / "raw" / f"{v.name}.json"
         probes = [p for p in all_probes if p.length < longest or v.name in longest_set]
-        # What this variant's answers depend on (not which other variants ran).
-        key = {"settings": {k: x for k, x in settings.items() if k != "longest_variants"},
-               "lengths": sorted({p.length for p in probes}),
-               "lazy_layers": list(v.lazy_layers or []) or None, "probes": len(probes)}
+        key = variant_key(settings, probes, v)
         if args.resume and raw.is_file():
             data = json.loads(raw.read_text())
             if data.get("key") == key:

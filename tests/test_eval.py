@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -348,6 +349,136 @@ def test_plan_variants():
     assert vs[-1].lazy_layers == (0, 4, 5, 6)
 
 
+def test_plan_variants_per_kv_head():
+    # 4 layers x 2 KV heads; layer scores are the KV-head means.
+    essay_heads = [[[0.1, 0.2], [0.5, 0.6], [0.9, 0.3], [0.8, 0.95]]] * 2
+    retrieval_heads = [[[0.9, 0.1], [0.95, 0.2], [0.3, 0.85], [0.99, 0.4]]]
+    per_prompt = [[sum(h) / 2 for h in row] for row in essay_heads]
+    vs = {v.name: v for v in plan_variants(
+        per_prompt, [0.5], [], stream_all=False,
+        head_per_prompt=retrieval_heads, head_fractions=[0.25, 0.5, 0.75],
+        essay_head_per_prompt=essay_heads, head_essay_fractions=[0.5],
+    )}
+    assert list(vs) == ["full", "score-50", "head-25", "head-50", "head-75", "head-essay-50"]
+    # Per layer: layers 2 and 3 (means 0.6, 0.875); per head the laziest pairs.
+    assert vs["score-50"].lazy_layers == (2, 3) and vs["score-50"].streaming_kv_heads is None
+    assert vs["head-50"].streaming_kv_heads == ((0,), (0,), (1,), (0,))
+    assert vs["head-25"].streaming_kv_heads == ((), (0,), (), (0,))
+    assert vs["head-essay-50"].streaming_kv_heads == ((), (1,), (0,), (0, 1))
+    for name, f in (("head-25", 0.25), ("head-50", 0.5), ("head-75", 0.75), ("head-essay-50", 0.5)):
+        v = vs[name]
+        assert v.lazy_layers == () and v.fraction == f
+        assert v.streaming_pairs(2) == round(8 * f)
+    # Same fraction of (layer, KV head) pairs as the per-layer variant.
+    assert vs["score-50"].streaming_pairs(2) == vs["head-50"].streaming_pairs(2) == 4
+    # Round trip through the raw files --resume reads.
+    for v in vs.values():
+        res = VariantResult(v)
+        assert VariantResult.from_dict(json.loads(json.dumps(res.to_dict()))).variant == v
+
+
+def _eval_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_quality", ROOT / "bench" / "eval_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_head_flags_and_resume_key():
+    mod = _eval_main()
+    args = mod.build_parser().parse_args([])
+    assert args.head_fractions == [] and args.head_essay_fractions == []  # runs unchanged
+    args = mod.build_parser().parse_args(["--head-fractions", "0.25,0.5",
+                                          "--head-essay-fractions", "0.5"])
+    assert args.head_fractions == [0.25, 0.5] and args.head_essay_fractions == [0.5]
+    settings = {"model": "m", "lengths": [96], "longest_variants": ["full"], "num_layers": 4,
+                "num_kv_heads": 2, "base_architecture": "LlamaForCausalLM"}
+    probes = [SimpleNamespace(length=96)]  # the key reads lengths only
+    layer = Variant("score-50", "score", 0.5, (1, 3))
+    head = Variant("head-50", "head", 0.5, (), ((0,), (1,), (0,), (1,)))
+    # Layer variants keep the key of earlier runs (model shape and heads not in it).
+    assert mod.variant_key(settings, probes, layer) == {
+        "settings": {"model": "m", "lengths": [96]}, "lengths": [96],
+        "lazy_layers": [1, 3], "probes": 1,
+    }
+    other = Variant("head-50", "head", 0.5, (), ((1,), (1,), (0,), (1,)))
+    assert mod.variant_key(settings, probes, head)["streaming_kv_heads"] == [[0], [1], [0], [1]]
+    assert mod.variant_key(settings, probes, head) != mod.variant_key(settings, probes, other)
+
+
+def test_report_rows_show_streaming_fraction_and_kv_bytes(tmp_path):
+    from vllm_lighttransfer.eval.report import streaming_columns, summary_markdown
+
+    def recs(variant, answers):
+        return [{"variant": variant, "task": "passkey", "length": 4096, "depth": 0.5,
+                 "sample": s, "kind": "number", "correct": c} for s, c in enumerate(answers)]
+
+    variants = [Variant("full", "unconverted", 0.0, None),
+                Variant("score-50", "score", 0.5, (2, 3)),
+                Variant("head-50", "head", 0.5, (), ((0,), (0,), (1,), (0,))),
+                Variant("head-25", "head", 0.25, (), ((), (0,), (), (0,)))]
+    answers = {"full": [1, 1, 1, 1], "score-50": [1, 0, 0, 1], "head-50": [1, 1, 1, 0],
+               "head-25": [1, 1, 1, 1]}
+    results = [VariantResult(v, recs(v.name, [bool(a) for a in answers[v.name]]),
+                             seconds={"total": 1.0}) for v in variants]
+    settings = {"model": "tiny", "tasks": ["passkey"], "lengths": [4096], "depths": [0.5],
+                "samples": {"4096": 4}, "sink_tokens": 4, "window_tokens": 1020,
+                "longest_variants": ["full", "score-50", "head-50", "head-25"],
+                "num_layers": 4, "num_kv_heads": 2, "base_architecture": "LlamaForCausalLM"}
+    records = [r for res in results for r in res.records]
+    md, data = summary_markdown(records, results, settings, {"from": "test"}, {"total": 1.0},
+                                [], "cmd")
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| streams | KV heads streaming | KV saved at 4K |" in rows["variant"]
+    # The paper's formula: saved = fraction * (1 - (sink + window) / context).
+    assert rows["full"].startswith("| full | none | 0.0% | 0.0% |")
+    assert rows["score-50"].startswith("| score-50 | 2 of 4 layers | 50.0% | 37.5% |")
+    assert rows["head-50"].startswith("| head-50 | 4 of 8 KV heads | 50.0% | 37.5% |")
+    assert rows["head-25"].startswith("| head-25 | 2 of 8 KV heads | 25.0% | 18.8% |")
+    assert "- head-50: 0:0 1:0 2:1 3:0" in md
+    assert "- head-50 vs full: -25.0 points; score-50 (per layer, same fraction of KV heads): " \
+           "-50.0 points" in md
+    assert data["streaming"]["head-50"]["fraction"] == 0.5
+    assert data["streaming"]["head-50"]["kv_bytes_saved"] == pytest.approx(0.375)
+    assert data["streaming"]["head-50"]["streaming_kv_heads"] == [[0], [0], [1], [0]]
+    assert data["streaming"]["score-50"]["streaming_kv_heads"] is None
+    # Without the model's shape (summaries of earlier runs): counts only.
+    bare = {k: v for k, v in settings.items() if k not in ("num_layers", "num_kv_heads")}
+    assert streaming_columns(variants[2], bare) == {"streams": "4 KV heads", "fraction": None,
+                                                    "kv_bytes_saved": None}
+
+
+def test_retrieval_head_scores_build_format_2_folders(tmp_path, tiny_llama):
+    """head-F from the converter's retrieval calibration, scored on the tiny
+    model: a valid format-2 folder with the asked fraction of pairs."""
+    from vllm_lighttransfer.config import PER_HEAD_VERSION, LightTransferConfig
+    from vllm_lighttransfer.convert.retrieval import RETRIEVAL
+    from vllm_lighttransfer.eval.runner import layer_scores, materialize
+
+    cache = tmp_path / "retrieval_scores.json"
+    kw = dict(cache=cache, calibration=RETRIEVAL, sink_tokens=4, window_tokens=32,
+              calibration_length=160, calibration_count=2, kv_heads=True, progress=False)
+    scores = layer_scores(tiny_llama, **kw)
+    assert scores["from"] == "scored now"
+    assert scores["settings"]["calibration"] == RETRIEVAL and scores["settings"]["n_last"] == 1
+    heads = scores["kv_head_per_prompt"]
+    assert [len(heads), len(heads[0]), len(heads[0][0])] == [2, 4, 2]  # prompts, layers, KV heads
+    assert layer_scores(tiny_llama, **kw)["from"] == str(cache)  # cached
+    vs = plan_variants(scores["per_prompt"], [], [], stream_all=False,
+                       head_per_prompt=heads, head_fractions=[0.25, 0.5, 0.75])
+    for v in vs[1:]:
+        folder = materialize(v, tiny_llama, tmp_path / "models", sink=4, window=32)
+        config = json.loads((folder / "config.json").read_text())
+        cfg = LightTransferConfig.from_hf_config(config)
+        assert config["lighttransfer"]["format_version"] == PER_HEAD_VERSION
+        assert config["lighttransfer"]["evaluation_variant"] == v.name
+        assert cfg.streaming_kv_heads == v.streaming_kv_heads
+        assert cfg.lazy_fraction == v.fraction  # 2, 4, 6 of 8 pairs
+        assert (folder / "model.safetensors").is_symlink()
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -362,7 +493,8 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
     )
     chunk = list(range(10, 110))
     results = []
-    for v in (Variant("full", "unconverted", 0.0, None), Variant("score-50", "score", 0.5, (1, 3))):
+    for v in (Variant("full", "unconverted", 0.0, None), Variant("score-50", "score", 0.5, (1, 3)),
+              Variant("head-50", "head", 0.5, (), ((0,), (1,), (0, 1), ()))):
         folder = materialize(v, tiny_llama, tmp_path / "models", sink=4, window=32)
         with engine(folder, dtype="float32", max_model_len=512, max_num_batched_tokens=512) as llm:
             res = run_variant(llm, v, probes, [chunk], max_tokens=4, use_tqdm=False)
@@ -375,18 +507,22 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
         res = VariantResult.from_dict(json.loads(json.dumps(res.to_dict())))
         results.append(res)
     # Lazy layers change nothing before sink + window: same NLLs up to there.
-    a, b = results[0].nlls[0], results[1].nlls[0]
+    a, b, c = (r.nlls[0] for r in results)
     assert a[:30] == pytest.approx(b[:30], abs=1e-3)
+    assert a[:30] == pytest.approx(c[:30], abs=1e-3)  # streaming KV heads neither
     settings = {"model": str(tiny_llama), "tasks": ["passkey", "needle"], "lengths": [96, 160],
                 "kinds": list(P.KINDS),
                 "depths": [0.2, 0.5, 0.8], "samples": {"96": 2, "160": 2}, "sink_tokens": 4,
                 "window_tokens": 32, "ppl_length": 100, "ppl_chunks": 1,
-                "longest_variants": ["full", "score-50"]}
+                "longest_variants": ["full", "score-50", "head-50"], "num_layers": 4,
+                "num_kv_heads": 2, "base_architecture": "LlamaForCausalLM"}
     md = write_outputs(tmp_path, results, settings, {"from": "test"}, {"total": 1.0}, "cmd")
-    assert "| score-50 | 2 |" in md
+    # Same fraction of KV heads, same bytes: 50% * (1 - 36 / 160) saved at 160 tokens.
+    assert "| score-50 | 2 of 4 layers | 50.0% | 38.7% |" in md
+    assert "| head-50 | 4 of 8 KV heads | 50.0% | 38.7% |" in md
     # Every accuracy with its interval; the row says what full answered of the same probes.
     assert "Wilson 95% interval" in md and "full right" in md and "kept of those" in md
-    row = next(line for line in md.splitlines() if line.startswith("| score-50 | 2 |"))
+    row = next(line for line in md.splitlines() if line.startswith("| score-50 | 2 of 4 layers |"))
     right = sum(r["correct"] for r in results[0].records)
     assert f"| {right}/{len(probes)} |" in row
     assert "Accuracy by needle kind" in md
@@ -395,6 +531,6 @@ def test_runner_and_report_on_tiny_model(tmp_path, tiny_llama, tiny_tokenizer):
     assert 0 <= lo <= hi <= 1
     assert summary["accuracy"]["score-50"]["vs_full"]["probes"] == len(probes)
     for name in ("summary.md", "summary.json", "records.jsonl", "heatmap_full.png",
-                 "heatmap_score-50.png", "heatmaps_all.png"):
+                 "heatmap_score-50.png", "heatmap_head-50.png", "heatmaps_all.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2 * len(probes)
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3 * len(probes)

@@ -17,6 +17,17 @@ Statistics
     many of *those* the variant kept: a conversion can only lose what the
     model knew, and a variant that "loses 10 points" of a model that
     answered 3 probes has lost nothing measurable.
+
+Same KV bytes
+    Each row says what streams (``15 of 30 layers``, ``45 of 90 KV heads``),
+    the fraction of ``(layer, KV head)`` pairs that stream
+    (``LightTransferConfig.lazy_fraction``: a lazy layer counts all of its
+    KV heads) and the KV bytes a request of the longest probe length saves
+    (``1 - config.kv_bytes_ratio``). ``score-50`` and ``head-50`` on the
+    same model show the same two numbers: rows of equal numbers compare
+    per-layer and per-head selection at equal memory. The model's shape
+    comes from ``settings`` (``num_layers``, ``num_kv_heads``,
+    ``base_architecture``); without it the two columns read "n/a".
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from vllm_lighttransfer.config import LightTransferConfig, LightTransferConfigError, kv_bytes_ratio
 from vllm_lighttransfer.eval.scoring import (
     accuracy_table,
     baseline_comparison,
@@ -62,6 +74,50 @@ def _same_probe_delta(records: Sequence[dict], variant: str, task: str | None = 
     if not common:
         return None
     return 100.0 * (sum(mine[k] for k in common) - sum(base[k] for k in common)) / len(common)
+
+
+def variant_config(variant: Any, settings: dict) -> LightTransferConfig | None:
+    """``variant`` as the plugin reads its folder; None when unconverted or
+    when ``settings`` lacks the model's shape."""
+    num_layers, num_kv = settings.get("num_layers"), settings.get("num_kv_heads")
+    if variant.lazy_layers is None or not num_layers or not num_kv:
+        return None
+    heads = variant.streaming_kv_heads
+    section = {"format_version": 1 if heads is None else 2,
+               "lazy_layers": list(variant.lazy_layers),
+               "sink_tokens": settings["sink_tokens"], "window_tokens": settings["window_tokens"]}
+    if heads is not None:
+        section["streaming_kv_heads"] = [list(h) for h in heads]
+    try:
+        return LightTransferConfig.validate(
+            section, num_layers, settings.get("base_architecture"), num_kv_heads=num_kv
+        )
+    except LightTransferConfigError:
+        return None
+
+
+def streaming_columns(variant: Any, settings: dict) -> dict[str, Any]:
+    """What ``variant`` streams and what it saves (see module doc, "Same KV bytes")."""
+    num_layers, num_kv = settings.get("num_layers"), settings.get("num_kv_heads")
+    heads = variant.streaming_kv_heads
+    if variant.lazy_layers is None:
+        return {"streams": "none", "fraction": 0.0, "kv_bytes_saved": 0.0}
+    if heads is None:
+        n = len(variant.lazy_layers)
+        streams = f"{n} of {num_layers} layers" if num_layers else str(n)
+    else:
+        n = variant.streaming_pairs(num_kv or 0)
+        streams = f"{n} of {num_layers * num_kv} KV heads" if num_layers and num_kv else f"{n} KV heads"
+    cfg = variant_config(variant, settings)
+    if cfg is None:
+        return {"streams": streams, "fraction": None, "kv_bytes_saved": None}
+    context = max(settings["lengths"])
+    return {"streams": streams, "fraction": cfg.lazy_fraction,
+            "kv_bytes_saved": 1.0 - kv_bytes_ratio(cfg, context)}
+
+
+def _pct_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def heatmap_figure(grid: dict, tasks: Sequence[str], lengths: Sequence[int],
@@ -167,6 +223,16 @@ def targets(records: Sequence[dict], ppl: dict[str, dict], tasks: Sequence[str])
                 f"({'met' if abs(r - 1) <= 0.03 else 'NOT met'}: target within 3%)"
             )
     ref = _same_probe_delta(records, "score-50")
+    # Per KV head against per layer at the same fraction of KV heads (same bytes).
+    for name in sorted({r["variant"] for r in records if r["variant"].startswith("head-")}):
+        d = _same_probe_delta(records, name)
+        layer_name = "score-" + name.rsplit("-", 1)[1]
+        d_layer = _same_probe_delta(records, layer_name)
+        if d is None:
+            continue
+        versus = (f"; {layer_name} (per layer, same fraction of KV heads): {d_layer:+.1f} points"
+                  if d_layer is not None else "")
+        lines.append(f"- {name} vs full: {d:+.1f} points{versus}")
     for name in ("stream-all", "least-50", "random-50"):
         d = _same_probe_delta(records, name)
         if d is None:
@@ -182,19 +248,26 @@ def targets(records: Sequence[dict], ppl: dict[str, dict], tasks: Sequence[str])
 
 def layer_score_table(scores: dict) -> list[str]:
     """Per-layer laziness: the converter's essay score, and (if measured) the
-    score on retrieval prompts at the answer position with its least lazy head."""
+    score on retrieval prompts at the answer position with its least lazy head,
+    and the converter's retrieval calibration per KV head (``head-F``)."""
     mean = scores["mean"]
     task, task_min = scores.get("task_mean"), scores.get("task_min_head")
+    per_kv = scores.get("retrieval_kv_head_mean")
     head = "| layer | essay score (converter) |"
     rule = "|---|---|"
     if task:
         head += " retrieval-prompt score | its least lazy head |"
         rule += "---|---|"
+    if per_kv:
+        head += " retrieval calibration per KV head (convert --calibration retrieval) |"
+        rule += "---|"
     lines = ["Layer scores (higher = lazier):", "", head, rule]
     for l, m in enumerate(mean):
         row = f"| {l} | {m:.3f} |"
         if task:
             row += f" {task[l]:.3f} | {task_min[l]:.2f} |"
+        if per_kv:
+            row += " " + " ".join(f"{x:.2f}" for x in per_kv[l]) + " |"
         lines.append(row)
     return lines + [""]
 
@@ -208,21 +281,25 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
     ppl = {row["variant"]: row for row in perplexity_rows(nlls, BASELINE, far_from)} if nlls else {}
 
     cols = [(t, n) for t in tasks for n in lengths]
-    head = ["variant", "lazy layers"] + [f"{t} {length_label(n)}" for t, n in cols]
+    saved_at = length_label(max(lengths))
+    head = ["variant", "streams", "KV heads streaming", f"KV saved at {saved_at}"]
+    head += [f"{t} {length_label(n)}" for t, n in cols]
     head += ["overall", "full right", "kept of those", "Δ vs full", "ppl ratio",
              "ppl ratio beyond window", "run (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     comparisons = {}
+    streaming = {r.variant.name: streaming_columns(r.variant, settings) for r in results}
     for r in results:
         name = r.variant.name
         entry = table.get(name, {"cells": {}, "overall": (0, 0)})
-        lazy = "none" if r.variant.lazy_layers is None else str(len(r.variant.lazy_layers))
+        size = streaming[name]
+        lazy = [size["streams"], _pct_cell(size["fraction"]), _pct_cell(size["kv_bytes_saved"])]
         cells = [with_interval(entry["cells"].get(c)) for c in cols]
         cmp = comparisons[name] = baseline_comparison(records, name, BASELINE)
         full_right = f"{cmp['baseline_right']}/{cmp['probes']}" if cmp["probes"] else "n/a"
         kept = (with_interval((cmp["kept"], cmp["baseline_right"]))
                 if cmp["baseline_right"] else "n/a")
-        row = [name, lazy] + cells + [
+        row = [name, *lazy] + cells + [
             with_interval(entry["overall"]),
             full_right,
             kept,
@@ -260,7 +337,11 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
         + ", ".join(f"{length_label(int(k))}: {v}" for k, v in samples.items())
         + "." + kinds_note + skip_note + " `full right`: probes of this variant the unconverted "
         "model answered; `kept of those`: how many of them the variant answered too. "
-        "Δ vs full is on the probes each variant ran.",
+        "Δ vs full is on the probes each variant ran. `KV heads streaming`: the fraction of "
+        "(layer, KV head) pairs on sink + window attention (a lazy layer counts all its KV "
+        f"heads); `KV saved at {saved_at}`: KV bytes per {saved_at}-token request saved "
+        "against full. Rows with equal numbers there hold the same KV bytes "
+        "(score-50 and head-50: per layer vs per KV head).",
         "",
         *lines,
         "",
@@ -282,9 +363,14 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
                 f"| {row['ppl_far_ratio']:.4f} | {row['ppl_near_ratio']:.4f} | {row['tokens']} |"
             )
         md.append("")
-    md += ["Lazy layers per variant:", ""]
+    md += ["Lazy layers per variant (per-head variants: `layer:KV heads` of every layer "
+           "with a streaming head):", ""]
     for r in results:
-        if r.variant.lazy_layers is not None:
+        heads = r.variant.streaming_kv_heads
+        if heads is not None:
+            md.append(f"- {r.variant.name}: "
+                      + " ".join(f"{l}:{','.join(map(str, h))}" for l, h in enumerate(heads) if h))
+        elif r.variant.lazy_layers is not None:
             md.append(f"- {r.variant.name}: {list(r.variant.lazy_layers)}")
     md += ["", "Targets:", "", *targets(records, ppl, tasks), ""]
     if scores.get("mean"):
@@ -315,9 +401,19 @@ def summary_markdown(records: Sequence[dict], results: Sequence[Any], settings: 
         },
         "perplexity": ppl,
         "variants": {r.variant.name: list(r.variant.lazy_layers or []) for r in results},
+        "streaming": {
+            r.variant.name: {
+                **streaming[r.variant.name],
+                "kv_bytes_context_tokens": max(lengths),
+                "streaming_kv_heads": (None if r.variant.streaming_kv_heads is None
+                                       else [list(h) for h in r.variant.streaming_kv_heads]),
+            }
+            for r in results
+        },
         "seconds": seconds,
         "variant_seconds": {r.variant.name: r.seconds for r in results},
         "layer_scores_mean": scores.get("mean"),
+        "retrieval_kv_head_mean": scores.get("retrieval_kv_head_mean"),
     }
     return "\n".join(md), data
 

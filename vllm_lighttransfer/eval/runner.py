@@ -4,9 +4,11 @@ What it does
     ``plan_variants`` turns the converter's layer ranking into the variants
     the evaluation compares: the unconverted model, LightTransfer at several
     lazy fractions chosen by score, the same fractions chosen at random and
-    as the *least* lazy layers (ablations), and streaming attention on every
-    layer. ``materialize`` writes each as a converted folder
-    (``convert_with_layers``: config only, weights symlinked).
+    as the *least* lazy layers (ablations), streaming attention on every
+    layer, and per-KV-head variants (``head-F``: the fraction F of all
+    ``(layer, KV head)`` pairs streaming). ``materialize`` writes each as a
+    converted folder (config only, weights symlinked; format 2 with
+    ``streaming_kv_heads`` for the per-head variants).
     ``run_variant`` serves one folder with ``vllm.LLM`` (the real serving
     path: our plugin's model class, KV manager and attention backend) and
     runs every probe and perplexity chunk of that variant in one
@@ -24,6 +26,26 @@ Layer scores
     ``convert.calibration``, same defaults as ``lighttransfer convert``) once
     and caches the per-prompt scores as JSON, or reads them from a
     ``lighttransfer_report.json``.
+
+Per-KV-head scores
+    The same function with ``calibration="retrieval"`` runs what
+    ``lighttransfer convert --granularity head --calibration retrieval``
+    runs (``pipeline.score_source``: the converter's synthetic access-code
+    prompts, scored at the answer position) and keeps the per-KV-head scores
+    (``[prompts][layers][kv_heads]``); ``head-F`` takes the pairs
+    ``select.select_heads`` picks from them at ``--lazy-ratio F``, exactly
+    the converter's choice. ``head-essay-F`` does the same from the essay
+    scores (the converter's default calibration), which separates "per head
+    instead of per layer" from "retrieval-aware calibration".
+
+Same KV bytes
+    A lazy layer streams all of its KV heads, so every variant's size is
+    ``LightTransferConfig.lazy_fraction``: the fraction of pairs streaming.
+    ``score-50`` on 30 layers x 3 KV heads streams 15 layers = 45 pairs,
+    ``head-50`` 45 pairs spread over the layers: the same KV bytes
+    (``config.kv_bytes_ratio``), different heads. ``num_lazy`` rounds half
+    up over layers or pairs, so at 25% the two differ slightly (8 of 30
+    layers = 26.7%, 23 of 90 pairs = 25.6%); the report prints both.
 """
 
 from __future__ import annotations
@@ -64,10 +86,18 @@ STREAM_ALL = "stream-all"
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # "full", "score-50", "random-50", "least-50", "stream-all"
-    selection: str  # "unconverted" | "score" | "random" | "least" | "task" | "all"
-    fraction: float
+    name: str  # "full", "score-50", "random-50", "least-50", "stream-all", "head-50"
+    # "unconverted" | "score" | "random" | "least" | "task" | "all" | "head" | "head-essay"
+    selection: str
+    fraction: float  # the fraction asked for (streaming_pairs: the one served)
     lazy_layers: tuple[int, ...] | None  # None: the unconverted model
+    # Per layer, the KV heads that stream (format 2); None: whole layers only.
+    streaming_kv_heads: tuple[tuple[int, ...], ...] | None = None
+
+    def streaming_pairs(self, num_kv_heads: int) -> int:
+        """How many ``(layer, KV head)`` pairs stream (a lazy layer counts all)."""
+        whole = len(self.lazy_layers or ()) * num_kv_heads
+        return whole + sum(len(h) for h in self.streaming_kv_heads or ())
 
 
 # ---------------------------------------------------------------- layer scores
@@ -79,43 +109,63 @@ def layer_scores(
     report: Path | None = None,
     progress: bool = True,
     calibration_count: int | None = None,
+    calibration: str | None = None,
+    sink_tokens: int | None = None,
+    window_tokens: int | None = None,
+    calibration_length: int | None = None,
+    kv_heads: bool = False,
 ) -> dict[str, Any]:
-    """Per-prompt laziness scores of ``src`` (``{"per_prompt": [[...]], ...}``).
+    """Per-prompt laziness scores of ``src`` (``{"per_prompt": [[...]], ...}``,
+    and ``"kv_head_per_prompt": [[[...]]]`` per KV head).
 
     Reads ``report`` (a converter report) if given, else ``cache`` if it was
     written for the same source and settings, else scores with the
     converter's defaults (``calibration_count`` prompts if given: fewer is
     faster on a big model, and the same as ``convert --calibration-count``)
-    and writes ``cache``.
+    and writes ``cache``. ``calibration``: ``None`` for the essays,
+    ``"retrieval"`` for the converter's retrieval prompts (its ``n_last``
+    then defaults to the answer position, as in ``convert``). ``kv_heads``:
+    the per-KV-head scores are needed, so a cache or report without them
+    does not count.
     """
     from vllm_lighttransfer.convert import pipeline as P
+    from vllm_lighttransfer.convert.retrieval import RETRIEVAL_N_LAST, is_retrieval
 
     settings = {
         "source": str(Path(src).resolve()),
-        "sink_tokens": P.DEFAULT_SINK,
-        "window_tokens": P.DEFAULT_WINDOW,
-        "n_last": P.DEFAULT_N_LAST,
-        "calibration_length": P.DEFAULT_CAL_LENGTH,
+        "sink_tokens": P.DEFAULT_SINK if sink_tokens is None else sink_tokens,
+        "window_tokens": P.DEFAULT_WINDOW if window_tokens is None else window_tokens,
+        "n_last": RETRIEVAL_N_LAST if is_retrieval(calibration) else P.DEFAULT_N_LAST,
+        "calibration_length": calibration_length or P.DEFAULT_CAL_LENGTH,
         "calibration_count": calibration_count or P.DEFAULT_CAL_COUNT,
     }
+    if calibration is not None:  # absent for the essays: caches of earlier runs still match
+        settings["calibration"] = str(calibration)
     if report is not None:
         data = json.loads(Path(report).read_text())
-        return {"per_prompt": data["scores"]["per_prompt"], "mean": data["scores"].get("mean"),
+        scores = data["scores"]
+        if kv_heads and "kv_head_per_prompt" not in scores:
+            raise ValueError(f"{report} has no per-KV-head scores (converted before format 2)")
+        return {"per_prompt": scores["per_prompt"], "mean": scores.get("mean"),
+                "kv_head_per_prompt": scores.get("kv_head_per_prompt"),
                 "settings": data.get("settings", {}), "from": str(report)}
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
-        if data.get("settings") == settings:
+        if data.get("settings") == settings and (not kv_heads or "kv_head_per_prompt" in data):
             data["from"] = str(cache)
             return data
     # The converter's own calibration and scoring, with its defaults.
     scored = P.score_source(
         Path(src), settings["sink_tokens"], settings["window_tokens"], settings["n_last"],
-        None, settings["calibration_length"], settings["calibration_count"], progress=progress,
+        calibration, settings["calibration_length"], settings["calibration_count"],
+        progress=progress,
     )
     scores = scored.scores
     gc.collect()
-    data = {"settings": settings, "per_prompt": scores.per_prompt.tolist(),
-            "mean": scores.mean, "seconds": scores.seconds}
+    data = {"settings": settings, "calibration_source": scored.calibration_source,
+            "per_prompt": scores.per_prompt.tolist(), "mean": scores.mean,
+            "kv_head_per_prompt": scores.per_kv_head.tolist(),
+            "kv_head_mean": scores.kv_head_mean, "seconds": scores.seconds}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(data, indent=1) + "\n")
@@ -178,14 +228,21 @@ def plan_variants(
     stream_all: bool = True,
     task_per_prompt: Sequence[Sequence[float]] | None = None,
     task_fractions: Sequence[float] = (),
+    head_per_prompt: Sequence[Sequence[Sequence[float]]] | None = None,
+    head_fractions: Sequence[float] = (),
+    essay_head_per_prompt: Sequence[Sequence[Sequence[float]]] | None = None,
+    head_essay_fractions: Sequence[float] = (),
 ) -> list[Variant]:
     """The variants to compare (see module doc), the unconverted model first.
 
     By score: the layers ``lighttransfer convert --lazy-ratio f`` picks.
     Least lazy: the ``k`` layers at the bottom of the same ranking. Random:
-    ``k`` layers drawn with a seed derived from ``seed`` and ``f``.
+    ``k`` layers drawn with a seed derived from ``seed`` and ``f``. Per head
+    (``head_per_prompt``: retrieval calibration; ``essay_head_per_prompt``:
+    the essays; ``[prompts][layers][kv_heads]``): the pairs ``convert
+    --granularity head --lazy-ratio f`` picks.
     """
-    from vllm_lighttransfer.convert.select import num_lazy, select_by_ratio
+    from vllm_lighttransfer.convert.select import num_lazy, select_by_ratio, select_heads
 
     num_layers = len(per_prompt[0])
     variants = [Variant(UNCONVERTED, "unconverted", 0.0, None)]
@@ -206,6 +263,13 @@ def plan_variants(
     for f in task_fractions if task_per_prompt is not None else ():
         sel = select_by_ratio(task_per_prompt, f)
         variants.append(Variant(f"task-{round(100 * f)}", "task", f, sel.lazy_layers))
+    for prefix, per_prompt_heads, head_fracs in (
+        ("head", head_per_prompt, head_fractions),
+        ("head-essay", essay_head_per_prompt, head_essay_fractions),
+    ):
+        for f in head_fracs if per_prompt_heads is not None else ():
+            heads = select_heads(per_prompt_heads, "lazy_ratio", f).streaming_kv_heads
+            variants.append(Variant(f"{prefix}-{round(100 * f)}", prefix, f, (), heads))
     if stream_all:
         variants.append(Variant(STREAM_ALL, "all", 1.0, tuple(range(num_layers))))
     return variants
@@ -213,14 +277,26 @@ def plan_variants(
 
 def materialize(variant: Variant, src: Path, workdir: Path, sink: int, window: int) -> Path:
     """The folder vLLM serves for ``variant`` (``src`` itself when unconverted)."""
-    from vllm_lighttransfer.convert.writer import convert_with_layers
+    from vllm_lighttransfer.convert.writer import (
+        convert_with_layers,
+        converted_config,
+        write_converted,
+    )
 
     if variant.lazy_layers is None:
         return Path(src)
-    return convert_with_layers(
-        src, workdir / variant.name, list(variant.lazy_layers), sink, window, force=True,
-        provenance={"evaluation_variant": variant.name},
+    provenance = {"evaluation_variant": variant.name}
+    if variant.streaming_kv_heads is None:
+        return convert_with_layers(
+            src, workdir / variant.name, list(variant.lazy_layers), sink, window, force=True,
+            provenance=provenance,
+        )
+    config = json.loads((Path(src) / "config.json").read_text())
+    new = converted_config(
+        config, list(variant.lazy_layers), sink, window, provenance,
+        streaming_kv_heads=[list(h) for h in variant.streaming_kv_heads],
     )
+    return write_converted(src, workdir / variant.name, new, force=True)
 
 
 # ---------------------------------------------------------------- engine
@@ -255,6 +331,8 @@ class VariantResult:
         v = dict(data["variant"])
         if v["lazy_layers"] is not None:
             v["lazy_layers"] = tuple(v["lazy_layers"])
+        if v.get("streaming_kv_heads") is not None:
+            v["streaming_kv_heads"] = tuple(tuple(h) for h in v["streaming_kv_heads"])
         return cls(Variant(**v), data["records"], data["nlls"], data["seconds"],
                    data.get("prompt_tokens", 0))
 
