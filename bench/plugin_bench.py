@@ -6,6 +6,9 @@ against the unconverted model:
 
   full        the unconverted model (full attention everywhere)
   lighttransfer  our plugin: the lazy layers on sink + window attention
+  lighttransfer-head  per KV head at the same fraction (the same KV bytes):
+              every other (layer, KV head) pair streams, so every layer is
+              split into one attention module per KV head
   vllm-swa    stock vLLM, the same layers on its built-in sliding window
               (``layer_types``), no sinks; compared with ``lighttransfer-s0``,
               our backend with ``sink_tokens=0`` (identical semantics)
@@ -209,12 +212,20 @@ def main(argv=None) -> int:
     n_layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
     step = max(1, round(1 / args.lazy_ratio))
     lazy = list(range(1, n_layers, step))[: round(args.lazy_ratio * n_layers)]
+    # Per KV head at the same fraction (the same KV bytes): every other
+    # (layer, KV head) pair, so that every layer is split (the per-head
+    # layout's worst case: one attention call per KV head everywhere).
+    hkv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    pairs = set(list(range(1, n_layers * hkv, step))[: round(args.lazy_ratio * n_layers * hkv)])
+    heads = [[j for j in range(hkv) if i * hkv + j in pairs] for i in range(n_layers)]
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-"))
     folders = {
         "full": src,
         "lighttransfer": convert_with_layers(src, tmp / "lt", lazy, args.sink_tokens, args.window_tokens),
         "lighttransfer-s0": convert_with_layers(src, tmp / "lt-s0", lazy, 0, args.window_tokens),
+        "lighttransfer-head": convert_with_layers(src, tmp / "lt-head", [], args.sink_tokens,
+                                                  args.window_tokens, streaming_kv_heads=heads),
         "vllm-swa": stock_sliding_window(src, tmp / "swa", lazy, args.window_tokens),
     }
     lt_cfg = LightTransferConfig.from_hf_config(

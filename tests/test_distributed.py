@@ -10,7 +10,10 @@ What it checks
     through ``collective_rpc``, that it loaded the plugin by itself (the
     ``vllm.general_plugins`` entry point runs in every process that imports
     vLLM), built ``SinkWindowAttention`` for exactly its lazy layers (with half
-    the heads under TP 2) and gave them a ``SinkWindowSpec`` KV cache.
+    the heads under TP 2) and gave them a ``SinkWindowSpec`` KV cache. A
+    per-KV-head folder (``streaming_kv_heads``) under TP 2 puts one KV head
+    on each rank, so the ranks hold different streaming layers (and vLLM
+    sees different layer names per rank): the same oracle check.
 
 How
     With TP/PP the engine spawns worker processes, so each engine runs in a
@@ -244,6 +247,37 @@ def test_pipeline_parallel_2_matches_oracle(dist_model, oracle, tmp_path):
             dict(pp_rank=1, kv_layers=[2, 3], sink_window_layers=[2], sink_window_spec_layers=[2],
                  sink_window_heads=[4]),
         ],
+    )
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_tensor_parallel_2_per_kv_head_matches_oracle(tiny_llama, tmp_path):
+    """Per-KV-head streaming with the KV heads split across ranks.
+
+    The tiny Llama's 2 KV heads go one per rank; the folder streams KV head 0
+    in layer 0, head 1 in layer 1, both in layer 2 and none in layer 3
+    (``test_per_head.HEADS``), so each rank holds different streaming layers
+    and vLLM sees different layer names per rank (``..._kv0`` / ``..._kv1``).
+    """
+    from test_per_head import HEADS, per_head_folder
+
+    from vllm_lighttransfer.config import LightTransferConfig
+    from vllm_lighttransfer.reference import ReferenceHybridModel
+
+    model = per_head_folder(tiny_llama, tmp_path / "per-head", HEADS, SINK_TOKENS, WINDOW_TOKENS)
+    cfg = LightTransferConfig.from_hf_config(json.loads((model / "config.json").read_text()))
+    oracle = [ReferenceHybridModel.from_pretrained(str(model), cfg).greedy(p, MAX_TOKENS) for p in prompts()]
+    full = ReferenceHybridModel.from_pretrained(str(model), None)
+    assert any(full.greedy(p, MAX_TOKENS) != t for p, t in zip(prompts(), oracle))
+
+    tp2 = run_subprocess(model, tp=2, pp=1, cache=tmp_path)
+    assert tp2["tokens"] == oracle
+    check_workers(
+        tp2,
+        [dict(tp_rank=r, sink_window_layers=[i for i, h in enumerate(HEADS) if r in h],
+              sink_window_spec_layers=[i for i, h in enumerate(HEADS) if r in h],
+              kv_layers=[0, 1, 2, 3], sink_window_heads=[2]) for r in (0, 1)],
     )
 
 

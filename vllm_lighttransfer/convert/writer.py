@@ -145,8 +145,10 @@ def convert_with_layers(
     link: bool = True,
     force: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    streaming_kv_heads: list[list[int]] | None = None,
 ) -> Path:
-    """Convert with an explicit layer list (no scoring)."""
+    """Convert with an explicit layer list, and optionally KV heads (no scoring)."""
     config = json.loads((Path(src) / "config.json").read_text())
-    new = converted_config(config, lazy_layers, sink_tokens, window_tokens, provenance)
+    new = converted_config(config, lazy_layers, sink_tokens, window_tokens, provenance,
+                           streaming_kv_heads=streaming_kv_heads)
     return write_converted(src, out, new, link=link, force=force)
