@@ -82,3 +82,31 @@ def greedy(llm, prompts, max_tokens: int = 16) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+
+
+# The engine kinds every exactness test runs: a whole prefill, chunked
+# prefill in 64-token chunks, and what `vllm serve` runs by default (the
+# model under torch.compile).
+ENGINE_KINDS = [
+    pytest.param(dict(enable_prefix_caching=False), id="whole-prefill"),
+    pytest.param(
+        dict(enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=False),
+        id="chunked-prefill-64",
+    ),
+    pytest.param(dict(enforce_eager=False, enable_prefix_caching=False), id="compiled"),
+]
+
+
+def greedy_preempted(model: Path, prompts, max_tokens: int, **overrides) -> tuple[list, list]:
+    """Greedy tokens from a small-cache engine, and the ids it preempted."""
+    with make_llm(model, **overrides) as llm:
+        scheduler = engine_core(llm).scheduler
+        preempted = []
+        original = scheduler._preempt_request
+
+        def counting(request, *args, **kwargs):
+            preempted.append(request.request_id)
+            return original(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting
+        return greedy(llm, prompts, max_tokens), preempted

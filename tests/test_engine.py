@@ -14,8 +14,10 @@ import torch
 
 from conftest import (
     BLOCK,
+    ENGINE_KINDS,
     engine_core,
     greedy,
+    greedy_preempted,
     lt_config,
     make_llm,
     random_prompts,
@@ -113,18 +115,7 @@ def expected(tiny_llama, lazy_model, mixed_prompts):
     return reference_greedy(tiny_llama, lazy_model, mixed_prompts)
 
 
-@pytest.mark.parametrize(
-    "engine_kwargs",
-    [
-        pytest.param(dict(enable_prefix_caching=False), id="whole-prefill"),
-        pytest.param(
-            dict(enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=False),
-            id="chunked-prefill-64",
-        ),
-        # What `vllm serve` runs by default: the model under torch.compile.
-        pytest.param(dict(enforce_eager=False, enable_prefix_caching=False), id="compiled"),
-    ],
-)
+@pytest.mark.parametrize("engine_kwargs", ENGINE_KINDS)
 def test_matches_reference(lazy_model, mixed_prompts, expected, engine_kwargs):
     with make_llm(lazy_model, **engine_kwargs) as llm:
         assert greedy(llm, mixed_prompts, MAX_TOKENS) == expected
@@ -179,23 +170,9 @@ def test_preemption_recompute_matches_reference(tiny_llama, lazy_model):
     # later recompute (prefill again) some of them.
     prompts = random_prompts([90, 92, 94, 95], seed=8)
     expected = reference_greedy(tiny_llama, lazy_model, prompts, max_tokens=40)
-    with make_llm(
-        lazy_model,
-        num_gpu_blocks_override=26,
-        max_model_len=256,
-        max_num_batched_tokens=256,
-        enable_prefix_caching=False,
-    ) as llm:
-        scheduler = engine_core(llm).scheduler
-        preempted = []
-        original = scheduler._preempt_request
-
-        def counting(request, *args, **kwargs):
-            preempted.append(request.request_id)
-            return original(request, *args, **kwargs)
-
-        scheduler._preempt_request = counting
-        got = greedy(llm, prompts, 40)
+    got, preempted = greedy_preempted(lazy_model, prompts, 40, num_gpu_blocks_override=26,
+                                      max_model_len=256, max_num_batched_tokens=256,
+                                      enable_prefix_caching=False)
     assert preempted, "the run was expected to preempt"
     assert got == expected
 

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BLOCK, engine_core, greedy, lt_config, make_llm, random_prompts
+from conftest import (
+    BLOCK,
+    ENGINE_KINDS,
+    engine_core,
+    greedy,
+    greedy_preempted,
+    lt_config,
+    make_llm,
+    random_prompts,
+)
 from vllm_lighttransfer.convert.writer import converted_config
 from vllm_lighttransfer.reference import ReferenceHybridModel
 
@@ -98,17 +107,7 @@ def test_one_module_per_kv_head_and_two_groups(per_head_model):
         assert all(g.kv_cache_spec.num_kv_heads == 1 for g in groups)
 
 
-@pytest.mark.parametrize(
-    "engine_kwargs",
-    [
-        pytest.param(dict(enable_prefix_caching=False), id="whole-prefill"),
-        pytest.param(
-            dict(enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=False),
-            id="chunked-prefill-64",
-        ),
-        pytest.param(dict(enforce_eager=False, enable_prefix_caching=False), id="compiled"),
-    ],
-)
+@pytest.mark.parametrize("engine_kwargs", ENGINE_KINDS)
 def test_matches_reference(per_head_model, prompts, expected, engine_kwargs):
     with make_llm(per_head_model, **engine_kwargs) as llm:
         assert greedy(llm, prompts, MAX_TOKENS) == expected
@@ -134,18 +133,9 @@ def test_prefix_caching_and_preemption_match_reference(tiny_llama, per_head_mode
     # the scheduler must preempt and recompute some of them.
     prompts = random_prompts([90, 92, 94, 95], seed=14)
     expected = reference_greedy(tiny_llama, per_head_model, prompts, max_tokens=40)
-    with make_llm(per_head_model, num_gpu_blocks_override=26, max_model_len=256,
-                  max_num_batched_tokens=256, enable_prefix_caching=False) as llm:
-        scheduler = engine_core(llm).scheduler
-        preempted = []
-        original = scheduler._preempt_request
-
-        def counting(request, *args, **kwargs):
-            preempted.append(request.request_id)
-            return original(request, *args, **kwargs)
-
-        scheduler._preempt_request = counting
-        got = greedy(llm, prompts, 40)
+    got, preempted = greedy_preempted(per_head_model, prompts, 40, num_gpu_blocks_override=26,
+                                      max_model_len=256, max_num_batched_tokens=256,
+                                      enable_prefix_caching=False)
     assert preempted, "the run was expected to preempt"
     assert got == expected
 
