@@ -380,7 +380,11 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
 
   // Per KV head of the item: rows_pad rows of queries, accumulators, max, sum.
   const size_t hstride = static_cast<size_t>(rows_pad) * hs;
-  w.qf.assign(nh * hstride, 0.f);
+  // bf16 caches with AVX512-BF16 and a head size that is a multiple of 32
+  // take both products on bf16 pairs (queries as stored, in w.qb); the
+  // others on float queries, pre-scaled (w.qf).
+  constexpr bool dp_type = HAS_BF16_DOT && std::is_same<T, bf16>::value && D > 0 && D % 32 == 0;
+  if (!dp_type) w.qf.assign(nh * hstride, 0.f);
   w.acc.assign(nh * hstride, 0.f);
   w.m.assign(static_cast<size_t>(nh) * rows_pad, NEG);
   w.l.assign(static_cast<size_t>(nh) * rows_pad, 0.f);
@@ -393,11 +397,12 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
     const T* qrow = q_base + (p.qsl[r] + it.j0 + jj) * p.q_s0;
     for (int g = 0; g < group; ++g) {
       const int i = jj * group + g;
-      for (int hh = 0; hh < nh; ++hh) {
-        float* dst = w.qf.data() + hh * hstride + static_cast<size_t>(i) * hs;
-        load_row<T>(qrow + ((it.h0 + hh) * group + g) * p.q_s1, dst, hs);
-        for (int d = 0; d < hs; ++d) dst[d] *= p.scale;
-      }
+      if constexpr (!dp_type)
+        for (int hh = 0; hh < nh; ++hh) {
+          float* dst = w.qf.data() + hh * hstride + static_cast<size_t>(i) * hs;
+          load_row<T>(qrow + ((it.h0 + hh) * group + g) * p.q_s1, dst, hs);
+          for (int d = 0; d < hs; ++d) dst[d] *= p.scale;
+        }
       w.tpos[i] = t_first + jj;
     }
   }
@@ -406,7 +411,6 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   // bf16 cache, many rows, AVX512-BF16: both products on bf16 pairs
   // (queries and keys as stored, probabilities rounded to bf16 like a
   // bf16 flash kernel's), float32 accumulation.
-  constexpr bool dp_type = HAS_BF16_DOT && std::is_same<T, bf16>::value && D > 0 && D % 32 == 0;
   const bool dp = dp_type && many;
   if (dp_type) {
     w.qb.assign(nh * hstride / 2, 0u);
@@ -443,7 +447,7 @@ void run_item(const Params& p, const Item& it, Scratch& w) {
   auto chunk = [&](int64_t p0, int n, int hh) {
     const int64_t blk = row_table[p0 / p.block_size];
     const T* kp = kv_base + blk * p.kv_sb + (it.h0 + hh) * p.kv_sh + (p0 % p.block_size) * p.kv_ss;
-    const float* qf = w.qf.data() + hh * hstride;
+    const float* qf = dp_type ? nullptr : w.qf.data() + hh * hstride;
     float* acc = w.acc.data() + hh * hstride;
     float* m = w.m.data() + hh * rows_pad;
     float* l = w.l.data() + hh * rows_pad;
