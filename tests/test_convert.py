@@ -311,9 +311,9 @@ def test_retrieval_prompts_too_short_name_the_flags():
 
 @pytest.fixture(scope="module")
 def scored(tiny_llama, tmp_path_factory):
-    """The tiny Llama converted by the CLI with scoring (default ratio 0.5)."""
+    """The tiny Llama converted by the CLI per layer with scoring (default ratio 0.5)."""
     out = tmp_path_factory.mktemp("cli") / "scored"
-    assert main(["convert", str(tiny_llama), str(out), *FAST]) == 0
+    assert main(["convert", str(tiny_llama), str(out), "--granularity", "layer", *FAST]) == 0
     return out
 
 
@@ -350,7 +350,8 @@ def test_cli_scores_are_the_scorers(scored, tiny_llama):
 
 def test_cli_copy_threshold(tiny_llama, tmp_path):
     out = tmp_path / "copied"
-    assert main(["convert", str(tiny_llama), str(out), "--copy", "--threshold", "0.0", *FAST]) == 0
+    assert main(["convert", str(tiny_llama), str(out), "--copy", "--threshold", "0.0",
+                 "--granularity", "layer", *FAST]) == 0
     assert section(out).lazy_layers == (0, 1, 2, 3)
     weights = out / "model.safetensors"
     assert not weights.is_symlink()
@@ -408,6 +409,30 @@ def test_cli_granularity_head_retrieval(tiny_llama, tmp_path, capsys):
     assert (out / "lighttransfer_scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_default_is_head_with_retrieval(tiny_llama, tmp_path, capsys):
+    """No flags: per KV head on the retrieval calibration (the measured default);
+    flags that choose whole layers imply --granularity layer (no error)."""
+    out = tmp_path / "default"
+    fast = [a for a in FAST if a not in ("--n-last", "8")]
+    assert main(["convert", str(tiny_llama), str(out), *fast]) == 0
+    assert "streaming KV heads (4 of 8)" in capsys.readouterr().out
+    cfg = section(out)
+    settings = cfg.extra["settings"]
+    assert settings["granularity"] == "head" and settings["n_last"] == 1
+    assert settings["calibration"]["source"] == retrieval.RETRIEVAL_DESCRIPTION
+    assert sum(map(len, cfg.streaming_kv_heads)) == 4 and cfg.lazy_layers == ()
+    # An explicit calibration file is kept with the head default.
+    essays = tmp_path / "essays-head"
+    assert main(["convert", str(tiny_llama), str(essays), "--calibration",
+                 str(_short_text(tmp_path, words=400)), *FAST]) == 0
+    assert section(essays).extra["settings"]["calibration"]["source"] != retrieval.RETRIEVAL_DESCRIPTION
+    assert section(essays).extra["settings"]["granularity"] == "head"
+    # --layers chooses whole layers: granularity layer, no scoring.
+    listed = tmp_path / "listed"
+    assert main(["convert", str(tiny_llama), str(listed), "--layers", "1,2"]) == 0
+    assert section(listed).lazy_layers == (1, 2) and section(listed).streaming_kv_heads is None
+
+
 def test_cli_granularity_head_threshold(tiny_llama, tmp_path):
     out = tmp_path / "all-heads"
     assert main(["convert", str(tiny_llama), str(out), "--granularity", "head",
@@ -433,7 +458,7 @@ def test_converter_runs_without_vllm(tiny_llama, tmp_path):
         f"sys.exit(main(['convert', {str(tiny_llama)!r}, {str(out)!r}, *{FAST!r}]))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    assert len(section(out).lazy_layers) == 2
+    assert sum(map(len, section(out).streaming_kv_heads)) == 4  # the default: 4 of 8 pairs
 
 
 # -------------------------------------------------------------------- GGUF
@@ -522,7 +547,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_cli_gguf_scored(tiny_gguf, tmp_path):
     out = tmp_path / "from-gguf"
-    assert main(["convert", str(tiny_gguf), str(out), *FAST]) == 0
+    assert main(["convert", str(tiny_gguf), str(out), "--granularity", "layer", *FAST]) == 0
     cfg = section(out)
     assert cfg.base_architecture == "LlamaForCausalLM" and len(cfg.lazy_layers) == 1
     assert cfg.extra["source"]["kind"] == "gguf"
@@ -605,6 +630,32 @@ def test_cli_qwq_preset(tmp_path):
     assert cfg.extra["settings"]["preset_sources"][0]["repository"] == "https://github.com/sail-sg/LightTrans"
 
 
+def test_cli_per_head_preset(tiny_llama, tmp_path, capsys):
+    """A preset may name streaming KV heads (format 2); the converter writes them as given."""
+    config = json.loads((tiny_llama / "config.json").read_text())
+    preset = {
+        "name": "tiny-heads", "base_architecture": "LlamaForCausalLM", "num_hidden_layers": 4,
+        "expected_config": {"num_key_value_heads": config["num_key_value_heads"]},
+        "lazy_layers": [3], "streaming_kv_heads": [[1], [], [0, 1], []],
+        "sink_tokens": 2, "window_tokens": 24,
+    }
+    path = tmp_path / "tiny-heads.json"
+    path.write_text(json.dumps(preset))
+    out = tmp_path / "converted"
+    assert main(["convert", str(tiny_llama), str(out), "--preset", str(path)]) == 0
+    cfg = section(out)
+    assert cfg.format_version == 2 and cfg.lazy_layers == (3,)
+    assert [cfg.streaming_heads(l) for l in range(4)] == [(1,), (), (0, 1), (0, 1)]
+    # Without the KV head count the preset cannot be checked against SRC: refused.
+    del preset["expected_config"]
+    path.write_text(json.dumps(preset))
+    assert main(["convert", str(tiny_llama), str(tmp_path / "o2"), "--preset", str(path)]) == 2
+    assert "'streaming_kv_heads' needs expected_config.num_key_value_heads" in capsys.readouterr().err
+    # The shipped per-head preset of the default model: 45 of its 90 pairs.
+    shipped = load_preset("smollm2-135m-instruct-heads")
+    assert sum(map(len, shipped["streaming_kv_heads"])) == 45 and len(shipped["streaming_kv_heads"]) == 30
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -615,9 +666,9 @@ def _unsupported(tmp_path: Path) -> Path:
     return src
 
 
-def _short_text(tmp_path: Path) -> Path:
-    path = tmp_path / "short.txt"
-    path.write_text(" ".join(f"w{i}" for i in range(60)))  # 60 tokens of the tiny vocab
+def _short_text(tmp_path: Path, words: int = 60) -> Path:
+    path = tmp_path / f"short-{words}.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(words)))  # one token per word (tiny vocab)
     return path
 
 
@@ -657,7 +708,7 @@ ERRORS = [
     ("head with layers", None, ["--granularity", "head", "--layers", "1"],
      "--layers chooses whole layers; it cannot be combined with --granularity head"),
     ("head with preset", None, ["--granularity", "head", "--preset", "qwq-32b-lighttransfer"],
-     "--preset chooses whole layers; it cannot be combined with --granularity head"),
+     "--preset fixes what streams; it cannot be combined with --granularity head"),
     ("head with max loss", None, ["--granularity", "head", "--max-loss", "5"],
      "--max-loss chooses whole layers; it cannot be combined with --granularity head"),
     ("head ratio", None, ["--granularity", "head", "--lazy-ratio", "0"],

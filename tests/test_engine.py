@@ -21,18 +21,14 @@ from conftest import (
     lt_config,
     make_llm,
     random_prompts,
+    reference_greedy,
 )
-from vllm_lighttransfer.reference import ReferenceHybridModel
 
 pytestmark = pytest.mark.engine
 
 LENGTHS = [37, 100, 260, 333]  # 2 to 11 blocks of 32, mixed in one batch
 MAX_TOKENS = 16
 
-
-def reference_greedy(src, converted, prompts, max_tokens=MAX_TOKENS):
-    ref = ReferenceHybridModel.from_pretrained(str(src), lt_config(converted))
-    return [ref.greedy(p, max_tokens) for p in prompts]
 
 
 def the_model(llm):

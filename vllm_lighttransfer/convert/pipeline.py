@@ -28,6 +28,14 @@ Options
     built-in retrieval prompts (``convert/retrieval.py``); its ``n_last``
     defaults to ``RETRIEVAL_N_LAST`` (the answer position), the text
     calibration's to ``DEFAULT_N_LAST``.
+
+Defaults
+    Without flags: ``granularity="head"`` (streaming KV heads, half of the
+    (layer, KV head) pairs) scored on the retrieval calibration. ``--layers``,
+    ``--preset`` and ``--max-loss`` choose whole layers and so imply
+    ``granularity="layer"``, whose default calibration is the essays (the
+    paper's LightTransfer); ``--granularity layer`` asks for that with a
+    ratio or threshold too.
 """
 
 from __future__ import annotations
@@ -54,7 +62,12 @@ DEFAULT_LAZY_RATIO = 0.5
 DEFAULT_CAL_LENGTH = 4096
 DEFAULT_CAL_COUNT = 6
 GRANULARITIES = ("layer", "head")
-DEFAULT_GRANULARITY = "layer"
+# Per KV head by the retrieval calibration keeps retrieval better than whole
+# layers at the same KV bytes (bench/QUALITY.md, "Per KV head vs per layer"),
+# so it is what a plain ``lighttransfer convert SRC OUT`` writes. The flags
+# that choose whole layers (--layers, --preset, --max-loss) imply "layer".
+DEFAULT_GRANULARITY = "head"
+LAYER_FLAGS = ("--layers", "--preset", "--max-loss")
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,10 @@ class ConvertOptions:
     search_ratios: tuple[float, ...] | None = None
     search_length: int | None = None
     # "layer": lazy_layers; "head": streaming_kv_heads (lazy_ratio and
-    # threshold then count (layer, KV head) pairs).
-    granularity: str = DEFAULT_GRANULARITY
+    # threshold then count (layer, KV head) pairs). None: "layer" with one of
+    # LAYER_FLAGS, else DEFAULT_GRANULARITY; with "head", calibration None
+    # means the built-in retrieval prompts (the combination measured).
+    granularity: str | None = None
 
     @property
     def scoring(self) -> bool:
@@ -131,23 +146,28 @@ def check_options(
     options: ConvertOptions, check_device: Callable[[str], Any] = check_device
 ) -> ConvertOptions:
     """Validate ``options`` without touching the model; returns them with defaults filled in."""
-    from vllm_lighttransfer.convert.retrieval import RETRIEVAL_N_LAST, is_retrieval
+    from vllm_lighttransfer.convert.retrieval import RETRIEVAL, RETRIEVAL_N_LAST, is_retrieval
     from vllm_lighttransfer.convert.scoring import validate_scoring_settings
     from vllm_lighttransfer.convert.select import check_lazy_ratio, check_threshold
 
     o = options
+    layer_flags = [f for f, v in zip(LAYER_FLAGS, (o.layers, o.preset, o.max_loss)) if v is not None]
+    if o.granularity is None:
+        o = dataclasses.replace(o, granularity="layer" if layer_flags else DEFAULT_GRANULARITY)
     if o.granularity not in GRANULARITIES:
         raise LightTransferConfigError(
             f"--granularity={o.granularity}: expected one of {', '.join(GRANULARITIES)}"
         )
     if o.granularity == "head":
-        for flag, value in (("--layers", o.layers), ("--preset", o.preset),
-                            ("--max-loss", o.max_loss)):
-            if value is not None:
-                raise LightTransferConfigError(
-                    f"{flag} chooses whole layers; it cannot be combined with --granularity "
-                    "head (drop one of them)"
-                )
+        if layer_flags:
+            what = ("fixes what streams" if layer_flags[0] == "--preset"
+                    else "chooses whole layers")
+            raise LightTransferConfigError(
+                f"{layer_flags[0]} {what}; it cannot be combined with --granularity head "
+                "(drop one of them)"
+            )
+        if o.calibration is None:
+            o = dataclasses.replace(o, calibration=RETRIEVAL)
     if o.n_last is None:
         o = dataclasses.replace(
             o, n_last=RETRIEVAL_N_LAST if is_retrieval(o.calibration) else DEFAULT_N_LAST
@@ -463,6 +483,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
             preset = load_preset(o.preset)
             check_preset_matches(preset, config, base)
             layers = list(preset["lazy_layers"])
+            if preset.get("streaming_kv_heads") is not None:  # a per-KV-head preset
+                heads = [list(h) for h in preset["streaming_kv_heads"]]
             sink, window = preset["sink_tokens"], preset["window_tokens"]
             method = "preset"
             settings: dict[str, Any] = {

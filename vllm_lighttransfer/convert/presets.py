@@ -1,4 +1,8 @@
-"""Published lazy-layer masks (``configs/*.json``): find, load, check against a model.
+"""Published masks (``configs/*.json``): find, load, check against a model.
+
+A preset names its lazy layers (``lazy_layers``) and, optionally, single
+streaming KV heads (``streaming_kv_heads``, format 2, with
+``expected_config.num_key_value_heads``); the converter writes both as given.
 
 What it does
     ``preset_path(name)`` finds a preset by name or by path to a JSON file,
@@ -46,6 +50,12 @@ def load_preset(name: str) -> dict[str, Any]:
     for key in _REQUIRED:
         if key not in preset:
             raise LightTransferConfigError(f"preset {path}: '{key}' is missing")
+    if preset.get("streaming_kv_heads") is not None and not isinstance(
+        preset.get("expected_config", {}).get("num_key_value_heads"), int
+    ):
+        raise LightTransferConfigError(
+            f"preset {path}: 'streaming_kv_heads' needs expected_config.num_key_value_heads"
+        )
     preset["_path"] = str(path)
     return preset
 
