@@ -129,7 +129,8 @@ def _kv_head_offset(child: Attention, cfg: LightTransferConfig) -> int:
         raise LightTransferConfigError(
             f"lighttransfer.streaming_kv_heads: tensor_parallel_size={tp} does not divide "
             f"num_key_value_heads={cfg.num_kv_heads}; per-KV-head folders need each rank to "
-            f"hold whole KV heads (allowed: a divisor of {cfg.num_kv_heads})"
+            f"hold whole KV heads (allowed: a divisor of {cfg.num_kv_heads}; or convert per "
+            "layer: lighttransfer convert --granularity layer)"
         )
     return get_tensor_model_parallel_rank() * child.num_kv_heads
 
