@@ -30,7 +30,6 @@ LENGTHS = [37, 100, 260, 333]  # 2 to 11 blocks of 32, mixed in one batch
 MAX_TOKENS = 16
 
 
-
 def the_model(llm):
     return engine_core(llm).model_executor.driver_worker.worker.model_runner.model
 

@@ -63,7 +63,6 @@ def prompts():
     return random_prompts(LENGTHS, seed=11)
 
 
-
 @pytest.fixture(scope="module")
 def expected(tiny_llama, per_head_model, prompts):
     return reference_greedy(tiny_llama, per_head_model, prompts)

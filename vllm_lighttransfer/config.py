@@ -144,8 +144,12 @@ class LightTransferConfig:
         """Fraction of the model's KV heads that stream (whole lazy layers count all)."""
         if self.streaming_kv_heads is None or not self.num_kv_heads:
             return len(self.lazy_layers) / self.num_hidden_layers
-        streaming = sum(len(self.streaming_heads(i)) for i in range(self.num_hidden_layers))
-        return streaming / (self.num_hidden_layers * self.num_kv_heads)
+        return self.num_streaming_kv_heads / (self.num_hidden_layers * self.num_kv_heads)
+
+    @property
+    def num_streaming_kv_heads(self) -> int:
+        """(layer, KV head) pairs that stream, whole lazy layers included (0 if unknown)."""
+        return sum(len(self.streaming_heads(i)) for i in range(self.num_hidden_layers))
 
     def is_lazy(self, layer_idx: int) -> bool:
         """Every KV head of ``layer_idx`` streams."""
@@ -176,8 +180,8 @@ class LightTransferConfig:
     def describe(self) -> str:
         """One line: what streams, e.g. "45 of 90 KV heads stream (sink 4, window 1020)"."""
         if self.streaming_kv_heads is not None and self.num_kv_heads:
-            n = sum(len(self.streaming_heads(i)) for i in range(self.num_hidden_layers))
-            what = f"{n} of {self.num_hidden_layers * self.num_kv_heads} KV heads stream"
+            what = (f"{self.num_streaming_kv_heads} of "
+                    f"{self.num_hidden_layers * self.num_kv_heads} KV heads stream")
         else:
             what = (f"{len(self.lazy_layers)} of {self.num_hidden_layers} layers lazy "
                     f"{list(self.lazy_layers)}")
