@@ -402,6 +402,44 @@ def timer(device: str):
     return measure
 
 
+GRAPH_CALLS = 10  # calls captured in one CUDA graph by graph_timer
+
+
+def graph_timer():
+    """``measure(fn, iters) -> median ms per call`` of ``fn`` replayed from a CUDA graph.
+
+    vLLM replays decode steps from CUDA graphs, so what a step costs there
+    is the kernels' device time, not the Python launch (about 0.1 ms per
+    launch here, which the eager timing includes). ``GRAPH_CALLS`` calls are
+    captured in one graph; each replay is timed with CUDA events.
+    """
+    def measure(fn, iters: int, warmup: int = 2) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / GRAPH_CALLS)
+        del graph
+        return statistics.median(times)
+    return measure
+
+
 def paged_layout(batch: int, context: int, q_len: int, shape: Shape, live: str, device: str, cache_dtype, gen):
     """Block table and cache for ``batch`` requests of ``context`` tokens.
 
@@ -429,8 +467,13 @@ def paged_layout(batch: int, context: int, q_len: int, shape: Shape, live: str, 
     return cache, table.to(device)
 
 
-def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, kv: str, device: str, iters: int) -> dict:
-    """One row: lazy kernel, paged full kernel, SDPA full (bf16 only). Times in ms."""
+def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, kv: str, device: str, iters: int,
+              gmeasure=None) -> dict:
+    """One row: lazy kernel, paged full kernel, SDPA full (bf16 only). Times in ms.
+
+    With ``gmeasure`` (CUDA), each variant is also timed replayed from a CUDA
+    graph (``*_graph_ms``): its device time, as vLLM's captured decode runs it.
+    """
     gen = torch.Generator().manual_seed(0)
     H, Hkv, D = shape.heads, shape.kv_heads, shape.head_size
     cache_dtype = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
@@ -450,6 +493,8 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
         query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
         q_len, batch, ks, vs)
     row["lazy_ms"] = measure(lazy, iters)
+    if gmeasure:
+        row["lazy_graph_ms"] = gmeasure(lazy, iters)
     keys_read = min(context, shape.sink + shape.window + q_len - 1)
     row["lazy_GBps"] = batch * keys_read * kv_bytes_token / (row["lazy_ms"] * 1e-3) / 1e9
     # The same layer converted per KV head (model.KVHeadSplitAttention): one
@@ -463,12 +508,16 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
                 query[:, h * group : (h + 1) * group], head_caches[h], qsl, seq, table, shape.block_size,
                 shape.sink, shape.window, scale, out[:, h * group : (h + 1) * group], q_len, batch, ks, vs)
     row["per_head_lazy_ms"] = measure(per_head, iters)
+    if gmeasure:
+        row["per_head_lazy_graph_ms"] = gmeasure(per_head, iters)
     del cache, table, head_caches
 
     cache, table = paged_layout(batch, context, q_len, shape, "all", device, cache_dtype, gen)
     full = lambda: tsw.paged_causal_attention_triton(  # noqa: E731
         query, cache, qsl, seq, table, shape.block_size, scale, out, q_len, batch, ks, vs)
     row["paged_full_ms"] = measure(full, max(2, iters // 2))
+    if gmeasure:
+        row["paged_full_graph_ms"] = gmeasure(full, max(2, iters // 2))
     row["paged_full_GBps"] = batch * context * kv_bytes_token / (row["paged_full_ms"] * 1e-3) / 1e9
     del cache, table
 
@@ -477,11 +526,19 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
             row["sdpa_full_ms"], note = bench_sdpa(measure, shape, batch, context, q_len, device, max(2, iters // 2), gen)
             if note:
                 row["sdpa_note"] = note
+            if gmeasure and not note:
+                row["sdpa_full_graph_ms"], _ = bench_sdpa(gmeasure, shape, batch, context, q_len, device,
+                                                          max(2, iters // 2), gen)
             row["sdpa_full_GBps"] = batch * context * kv_bytes_token / (row["sdpa_full_ms"] * 1e-3) / 1e9
         except Exception as exc:
             row["sdpa_error"] = repr(exc)[:200]
     base = row.get("sdpa_full_ms", row["paged_full_ms"])
     row["speedup_vs_full"] = base / row["lazy_ms"]
+    if "lazy_graph_ms" in row:
+        gbase = row.get("sdpa_full_graph_ms", row["paged_full_graph_ms"])
+        row["graph_speedup_vs_full"] = gbase / row["lazy_graph_ms"]
+        row["graph_lazy_over_full"] = row["lazy_graph_ms"] / gbase
+        row["graph_lazy_GBps"] = batch * keys_read * kv_bytes_token / (row["lazy_graph_ms"] * 1e-3) / 1e9
     return row
 
 
@@ -552,7 +609,8 @@ def section_bench(device: str, dry_run: bool, deadline: float, part: dict, save=
             rows.append({"batch": batch, "context": context, "q_len": q_len, "kv": kv, "error": "skipped: time budget"})
             continue
         try:
-            rows.append(bench_one(measure, tsw, shape, batch, context, q_len, kv, device, 3 if dry_run else 20))
+            rows.append(bench_one(measure, tsw, shape, batch, context, q_len, kv, device, 3 if dry_run else 20,
+                                  graph_timer() if device == "cuda" else None))
         except Exception as exc:
             rows.append({"batch": batch, "context": context, "q_len": q_len, "kv": kv, "error": repr(exc)[:300]})
         finally:
@@ -731,6 +789,20 @@ def markdown(report: dict) -> str:
             f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {fmt(r.get('lazy_ms'))} "
             f"| {fmt(r.get('per_head_lazy_ms'))} | {fmt(r.get('paged_full_ms'))} | {fmt(r.get('sdpa_full_ms'))} | {fmt(r.get('speedup_vs_full'))} "
             f"| {fmt(r.get('lazy_GBps'))} | {fmt(r.get('paged_full_GBps'))} | {r.get('error', r.get('sdpa_error', r.get('sdpa_note', '')))} |")
+    graph_rows = [r for r in b.get("rows", []) if "lazy_graph_ms" in r]
+    if graph_rows:
+        lines += ["", f"Replayed from a CUDA graph ({GRAPH_CALLS} calls per graph, median ms per call): device "
+                  "time, as vLLM's captured decode runs it. lazy / full = lazy over SDPA full (else paged full).", "",
+                  "| kv | batch | context | q_len | lazy ms | lazy per KV head ms | paged full ms | SDPA full ms "
+                  "| lazy / full | window / context | lazy GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        sw = b["shape"]["sink"] + b["shape"]["window"]
+        for r in graph_rows:
+            lines.append(
+                f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {fmt(r.get('lazy_graph_ms'))} "
+                f"| {fmt(r.get('per_head_lazy_graph_ms'))} | {fmt(r.get('paged_full_graph_ms'))} "
+                f"| {fmt(r.get('sdpa_full_graph_ms'))} | {fmt(r.get('graph_lazy_over_full'))} "
+                f"| {fmt(min(1.0, sw / r['context']))} | {fmt(r.get('graph_lazy_GBps'))} |")
     if "error" in b:
         lines.append(f"\nSection error: {b['error']}")
     g = report.get("cuda_graph", {})
