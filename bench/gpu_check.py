@@ -527,8 +527,11 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
             if note:
                 row["sdpa_note"] = note
             if gmeasure and not note:
-                row["sdpa_full_graph_ms"], _ = bench_sdpa(gmeasure, shape, batch, context, q_len, device,
-                                                          max(2, iters // 2), gen)
+                try:
+                    row["sdpa_full_graph_ms"], _ = bench_sdpa(gmeasure, shape, batch, context, q_len, device,
+                                                              max(2, iters // 2), gen)
+                except Exception as exc:  # capture refused: the eager figure stays
+                    row["sdpa_graph_error"] = repr(exc)[:200]
             row["sdpa_full_GBps"] = batch * context * kv_bytes_token / (row["sdpa_full_ms"] * 1e-3) / 1e9
         except Exception as exc:
             row["sdpa_error"] = repr(exc)[:200]
