@@ -82,6 +82,7 @@ class Case:
     pad_tokens: int = 0  # padded query rows past the last request
     seed: int = 0
     scale: float = 0.3
+    split_kv: bool | None = None  # the kernel's split_kv: None = its own choice (decode launches split)
 
     @property
     def tol(self) -> float:
@@ -110,6 +111,16 @@ CASES = [
     Case("strided_views", [66, 20], [66, 1], sink=5, window=20, strided=True),
     Case("padded_batch", [40, 12], [1, 1], sink=2, window=9, pad_reqs=2, pad_tokens=3),
     Case("padded_prefill", [40, 12], [8, 12], sink=2, window=9, pad_reqs=1, pad_tokens=5),
+    # Split-KV (decode launches split a tile's keys into segments of whole
+    # 64-key tiles, then merge): windows spanning several tiles, sinks longer
+    # than a tile (a segment holding sink and window keys), padding.
+    Case("split_decode", [400, 280, 90, 40], [1, 1, 1, 1], sink=5, window=300),
+    Case("split_decode_long_sink", [450, 300], [1, 1], sink=70, window=260, pad_reqs=2, pad_tokens=3),
+    Case("split_decode_bf16_gqa4", [400, 140], [1, 1], sink=4, window=270, heads=8, kv_heads=2,
+         head_size=32, dtype="bfloat16"),
+    Case("split_decode_fp8", [350, 100], [1, 1], sink=4, window=260, fp8=True),
+    Case("split_forced_mixed", [200, 150, 90], [200, 1, 30], sink=66, window=70, split_kv=True),
+    Case("split_off_decode", [400, 180], [1, 1], sink=5, window=300, split_kv=False),
 ]
 
 
@@ -246,7 +257,7 @@ def run_triton(batch: Batch, output: torch.Tensor | None = None) -> torch.Tensor
     tsw.sink_window_attention_triton(
         batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table,
         c.block_size, c.sink, c.window, c.scale, out, batch.max_query_len, batch.num_reqs,
-        k_scale=batch.k_scale, v_scale=batch.v_scale,
+        k_scale=batch.k_scale, v_scale=batch.v_scale, split_kv=c.split_kv,
     )
     return out
 
@@ -293,11 +304,13 @@ def check_batch(batch: Batch, with_paged: bool = True) -> dict:
     c = batch.case
     out = run_triton(batch)
     refs = run_reference(batch)
+    segments = kernels()[0].LAST_LAUNCH.get("segments")
     T = sum(c.q_lens)
     got = out[:T].float().cpu()
     ref = torch.cat(refs)
     result = {
         "case": c.name,
+        "segments": segments,
         "max_err_reference": float((got - ref).abs().max()),
         "tol": c.tol,
         "finite": bool(torch.isfinite(got).all()),
@@ -341,6 +354,14 @@ GPU_CASES = [
     # model.KVHeadSplitAttention hands them over.
     Case("per_kv_head_llama8b", [3000, 1030, 600], [200, 1, 600], sink=4, window=1020,
          heads=4, kv_heads=1, head_size=128, dtype="bfloat16", strided=True, seed=6, scale=HEAD128_SCALE),
+    # Decode batches split the keys (split-KV); forced on a mixed batch too.
+    Case("llama8b_decode_split", [3000, 1500, 1030, 700, 5], [1, 1, 1, 1, 1], sink=4, window=1020,
+         heads=32, kv_heads=8, head_size=128, dtype="bfloat16", seed=7, scale=HEAD128_SCALE, pad_reqs=3),
+    Case("llama8b_mixed_split_forced", [3000, 1500, 700], [300, 1, 700], sink=4, window=1020,
+         heads=32, kv_heads=8, head_size=128, dtype="bfloat16", seed=8, scale=HEAD128_SCALE, split_kv=True),
+    Case("per_kv_head_decode_split_fp8", [3000, 1030], [1, 1], sink=4, window=1020,
+         heads=4, kv_heads=1, head_size=128, dtype="bfloat16", fp8=True, strided=True, seed=9,
+         scale=HEAD128_SCALE),
 ]
 
 
@@ -493,8 +514,17 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
         query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
         q_len, batch, ks, vs)
     row["lazy_ms"] = measure(lazy, iters)
+    row["segments"] = tsw.LAST_LAUNCH.get("segments")
     if gmeasure:
         row["lazy_graph_ms"] = gmeasure(lazy, iters)
+    if row["segments"] and row["segments"] > 1:
+        # The same launch without split-KV: what the segments buy.
+        nosplit = lambda: tsw.sink_window_attention_triton(  # noqa: E731
+            query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
+            q_len, batch, ks, vs, split_kv=False)
+        row["nosplit_lazy_ms"] = measure(nosplit, iters)
+        if gmeasure:
+            row["nosplit_lazy_graph_ms"] = gmeasure(nosplit, iters)
     keys_read = min(context, shape.sink + shape.window + q_len - 1)
     row["lazy_GBps"] = batch * keys_read * kv_bytes_token / (row["lazy_ms"] * 1e-3) / 1e9
     # The same layer converted per KV head (model.KVHeadSplitAttention): one
@@ -796,13 +826,14 @@ def markdown(report: dict) -> str:
     if graph_rows:
         lines += ["", f"Replayed from a CUDA graph ({GRAPH_CALLS} calls per graph, median ms per call): device "
                   "time, as vLLM's captured decode runs it. lazy / full = lazy over SDPA full (else paged full).", "",
-                  "| kv | batch | context | q_len | lazy ms | lazy per KV head ms | paged full ms | SDPA full ms "
-                  "| lazy / full | window / context | lazy GB/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| kv | batch | context | q_len | segments | lazy ms | lazy unsplit ms | lazy per KV head ms "
+                  "| paged full ms | SDPA full ms | lazy / full | window / context | lazy GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         sw = b["shape"]["sink"] + b["shape"]["window"]
         for r in graph_rows:
             lines.append(
-                f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {fmt(r.get('lazy_graph_ms'))} "
+                f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {r.get('segments')} "
+                f"| {fmt(r.get('lazy_graph_ms'))} | {fmt(r.get('nosplit_lazy_graph_ms'))} "
                 f"| {fmt(r.get('per_head_lazy_graph_ms'))} | {fmt(r.get('paged_full_graph_ms'))} "
                 f"| {fmt(r.get('sdpa_full_graph_ms'))} | {fmt(r.get('graph_lazy_over_full'))} "
                 f"| {fmt(min(1.0, sw / r['context']))} | {fmt(r.get('graph_lazy_GBps'))} |")
@@ -881,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_check] {name}: {time.monotonic() - t:.1f} s", flush=True)
     save()
     print((out_dir / "gpu_check.md").read_text())
-    ok = report.get("correctness", {}).get("all_ok", False) and report.get("cuda_graph", {}).get("all_ok", True)
+    ok = all(report[name].get("all_ok", True) for name in ("correctness", "cuda_graph") if name in report)
     return 0 if ok else 1
 
 

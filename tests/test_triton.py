@@ -103,6 +103,30 @@ def test_fp8_write_quantizes_and_saturates():
     assert cache.float().count_nonzero() == 32 - int((expected_k == 0).sum())  # nothing else written
 
 
+def test_split_cases_really_split():
+    """The split-KV cases run the segment path (else they would test nothing new)."""
+    for case in gpu_check.CASES:
+        if case.name.startswith("split_"):
+            segments = gpu_check.check_batch(gpu_check.build_batch(case, DEVICE))["segments"]
+            assert (segments == 1) if case.split_kv is False else (segments >= 2), (case.name, segments)
+
+
+def test_split_segments():
+    # Decode, batch 1, Llama-3-8B (8 KV heads), sink 4 + window 1020: 6 segments of 192 keys.
+    assert tsw.split_segments(4, 1020, 4, 8, 1) == (6, 192)
+    # 640 programs already: 2 segments reach the target of 1024.
+    assert tsw.split_segments(4, 1020, 4, 640, 1) == (2, 576)
+    assert tsw.split_segments(4, 1020, 4, 2048, 1) == (1, 0)  # enough programs
+    assert tsw.split_segments(4, 1020, 16, 8, 2048) == (1, 0)  # prefill: never
+    assert tsw.split_segments(0, tsw.FULL_WINDOW, 4, 8, 1) == (1, 0)  # unbounded window
+    assert tsw.split_segments(4, 60, 4, 8, 1) == (1, 0)  # one tile of keys
+    # Segments cover every key a tile of block_q queries can need.
+    for sink, window, block_q, programs in [(4, 1020, 4, 8), (129, 1025, 1, 40), (70, 260, 4, 10), (0, 8000, 2, 1)]:
+        n, keys = tsw.split_segments(sink, window, block_q, programs, 1)
+        assert n <= tsw.MAX_SEGMENTS and keys % tsw.TILE_N == 0
+        assert n * keys >= sink + window + block_q - 1 > (n - 1) * keys
+
+
 def test_launch_shape():
     assert tsw.launch_shape(1, 32, 8) == (4, 16)  # decode: 4 heads x 4 tokens... rows for GQA 4
     assert tsw.launch_shape(2048, 32, 8) == (16, 64)
@@ -137,23 +161,32 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vllm_lighttransfer.attention import triton_sink_window as tsw
 
-kernel = tsw._sink_window_kernel
 pointers = {"out_ptr": "*bf16", "q_ptr": "*bf16", "kv_ptr": "*fp8e4nv", "qsl_ptr": "*i32",
-            "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
-constants = dict(GROUP=4, HEAD_SIZE=128, HEAD_PAD=128, BLOCK_Q=16, BLOCK_M=64, TILE=tsw.TILE_N,
-                 KV_FP8=True, IEEE=False, UPCAST=False, num_reqs=1, sink_tokens=1, block_size=1)
-signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if n == "scale" else "i32")
-             for n in kernel.arg_names}
-compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
-assert ".entry" in compiled.asm["ptx"]
+            "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+            "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
+
+
+def compile_sm90(kernel, constants):
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if n == "scale" else "i32")
+                 for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+    assert ".entry" in compiled.asm["ptx"]
+
+
+main = dict(GROUP=4, HEAD_SIZE=128, HEAD_PAD=128, TILE=tsw.TILE_N, KV_FP8=True, IEEE=False, UPCAST=False,
+            NUM_HEADS=32, num_reqs=1, sink_tokens=1, block_size=1)
+compile_sm90(tsw._sink_window_kernel, dict(main, BLOCK_Q=16, BLOCK_M=64, NUM_SEG=1))  # prefill tiling
+compile_sm90(tsw._sink_window_kernel, dict(main, BLOCK_Q=4, BLOCK_M=16, NUM_SEG=6))  # split decode
+compile_sm90(tsw._combine_segments, dict(HEAD_SIZE=128, HEAD_PAD=128, NUM_SEG=6, SEG_PAD=8, NUM_HEADS=32))
 print("compiled")
 """
 
 
 def test_compiles_for_hopper():
     """Ahead-of-time compile to sm_90 PTX, no GPU needed: the interpreter checks no
-    types, this does (fp8 cache, bf16 query, prefill tiling, and int arguments
-    equal to 1, which Triton turns into constants). In a subprocess: the kernels
+    types, this does (fp8 cache, bf16 query, prefill tiling, split-KV decode
+    and its merge kernel, and int arguments equal to 1, which Triton turns
+    into constants). In a subprocess: the kernels
     of this process are interpreted ones."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is unavailable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

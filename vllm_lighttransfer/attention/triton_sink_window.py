@@ -105,6 +105,20 @@ DECODE_BLOCK_M = 16
 PREFILL_BLOCK_M = 64
 TILE_N = 64
 
+# Split-KV in decode launches: the keys of a tile are cut into segments of
+# at least SEGMENT_MIN_TILES * TILE_N keys, at most MAX_SEGMENTS of them,
+# as many as it takes to reach SPLIT_TARGET_PROGRAMS programs (an H200 has
+# 132 multiprocessors). Measured on an H200 (bench/GPU.md): without it a
+# decode program walks its sink + window keys alone, about 43 us for 1024
+# keys whatever the batch, slower than flash attention over 32K keys at
+# batch 1.
+SEGMENT_MIN_TILES = 2
+MAX_SEGMENTS = 16
+SPLIT_TARGET_PROGRAMS = 1024
+
+# The last launch's grid and split (host values; tests and benchmarks read it).
+LAST_LAUNCH: dict = {}
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -228,6 +242,10 @@ if HAS_TRITON:
         stride_c3,
         stride_bt_0,
         stride_bt_1,
+        part_m_ptr,  # [T, H, NUM_SEG] float32 (split-KV only)
+        part_l_ptr,  # [T, H, NUM_SEG] float32
+        part_acc_ptr,  # [T, H, NUM_SEG, HEAD_SIZE] float32
+        seg_keys,  # keys per segment (a multiple of TILE)
         GROUP: tl.constexpr,
         HEAD_SIZE: tl.constexpr,
         HEAD_PAD: tl.constexpr,
@@ -237,9 +255,12 @@ if HAS_TRITON:
         KV_FP8: tl.constexpr,
         IEEE: tl.constexpr,
         UPCAST: tl.constexpr,
+        NUM_SEG: tl.constexpr,
+        NUM_HEADS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
+        seg = tl.program_id(2)
 
         # Request of this tile: the largest r with
         # qsl[r] // BLOCK_Q + r <= pid (tile r's first global index; the
@@ -291,32 +312,110 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-        # Sink part: [0, min(sink, last_q + 1)). The window test is passed as
-        # always true (window = last_q + 1 > q_pos - k for every k >= 0).
+        # Sink part: [0, min(sink, last_q + 1)). Window part:
+        # [max(sink, first_q - window + 1), last_q]; every key in it is
+        # needed by some query of the tile, so its blocks are live.
+        s_hi = tl.minimum(sink_tokens, last_q + 1)
+        w_lo = tl.maximum(sink_tokens, first_q - window_tokens + 1)
+        w_hi = last_q + 1
+        if NUM_SEG > 1:
+            # Split-KV: this program takes keys [seg * seg_keys, (seg + 1) *
+            # seg_keys) of the sink part followed by the window part.
+            s_len = s_hi
+            w_len = tl.maximum(w_hi - w_lo, 0)
+            v0 = seg * seg_keys
+            v1 = v0 + seg_keys
+            s_hi_seg = tl.minimum(v1, s_len)
+            s_lo_seg = tl.minimum(v0, s_len)
+            w_lo_seg = w_lo + tl.minimum(tl.maximum(v0 - s_len, 0), w_len)
+            w_hi_seg = w_lo + tl.minimum(tl.maximum(v1 - s_len, 0), w_len)
+        else:
+            s_lo_seg = s_hi * 0
+            s_hi_seg = s_hi
+            w_lo_seg = w_lo
+            w_hi_seg = w_hi
+        # The sink part's window test is passed as always true (window =
+        # last_q + 1 > q_pos - k for every k >= 0).
         m_i, l_i, acc = _attend_range(
             m_i, l_i, acc, q, q_pos, row_valid,
-            0, tl.minimum(sink_tokens, last_q + 1), last_q + 1,
+            s_lo_seg, s_hi_seg, last_q + 1,
             kv_ptr, bt_row_ptr, stride_bt_1, block_size, kv_head,
             stride_c0, stride_c1, stride_c2, stride_c3,
             k_scale, v_scale, qk_scale,
             HEAD_SIZE, HEAD_PAD, TILE, KV_FP8, IEEE, UPCAST,
         )
-        # Window part: [max(sink, first_q - window + 1), last_q]. Every key
-        # in it is needed by some query of the tile, so its blocks are live.
         m_i, l_i, acc = _attend_range(
             m_i, l_i, acc, q, q_pos, row_valid,
-            tl.maximum(sink_tokens, first_q - window_tokens + 1), last_q + 1, window_tokens,
+            w_lo_seg, w_hi_seg, window_tokens,
             kv_ptr, bt_row_ptr, stride_bt_1, block_size, kv_head,
             stride_c0, stride_c1, stride_c2, stride_c3,
             k_scale, v_scale, qk_scale,
             HEAD_SIZE, HEAD_PAD, TILE, KV_FP8, IEEE, UPCAST,
         )
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
-        out = acc / l_i[:, None]
+        if NUM_SEG > 1:
+            # Partial softmax state of this segment (m = -inf, l = 0, acc = 0
+            # where it holds no key of the row); _combine_segments merges.
+            part = (tok * NUM_HEADS + head) * NUM_SEG + seg
+            tl.store(part_m_ptr + part, m_i, mask=row_valid)
+            tl.store(part_l_ptr + part, l_i, mask=row_valid)
+            tl.store(
+                part_acc_ptr + part[:, None] * HEAD_SIZE + offs_d[None, :],
+                acc,
+                mask=row_valid[:, None] & d_mask[None, :],
+            )
+        else:
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padded rows only
+            out = acc / l_i[:, None]
+            tl.store(
+                out_ptr + tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh
+                + offs_d[None, :] * stride_od,
+                out.to(out_ptr.dtype.element_ty),
+                mask=row_valid[:, None] & d_mask[None, :],
+            )
+
+    @triton.jit
+    def _combine_segments(
+        out_ptr,
+        qsl_ptr,
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
+        num_reqs,
+        stride_ot,
+        stride_oh,
+        stride_od,
+        HEAD_SIZE: tl.constexpr,
+        HEAD_PAD: tl.constexpr,
+        NUM_SEG: tl.constexpr,
+        SEG_PAD: tl.constexpr,
+        NUM_HEADS: tl.constexpr,
+    ):
+        """One (token, query head): merge the segments' partial softmax states."""
+        tok = tl.program_id(0)
+        head = tl.program_id(1)
+        if tok >= tl.load(qsl_ptr + num_reqs):
+            return  # padding token: its row of the output is left as it is
+        offs_s = tl.arange(0, SEG_PAD)
+        offs_d = tl.arange(0, HEAD_PAD)
+        s_mask = offs_s < NUM_SEG
+        base = (tok.to(tl.int64) * NUM_HEADS + head) * NUM_SEG
+        m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
+        acc = tl.load(
+            part_acc_ptr + (base + offs_s)[:, None] * HEAD_SIZE + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d < HEAD_SIZE)[None, :],
+            other=0.0,
+        )
+        m_max = tl.max(m, 0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.math.exp2(m - m_max)  # 0 for segments without keys
+        total = tl.sum(w * l_s, 0)
+        total = tl.where(total == 0.0, 1.0, total)
+        out = tl.sum(w[:, None] * acc, 0) / total
         tl.store(
-            out_ptr + tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + offs_d[None, :] * stride_od,
+            out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh + offs_d * stride_od,
             out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & d_mask[None, :],
+            mask=offs_d < HEAD_SIZE,
         )
 
 
@@ -338,6 +437,29 @@ def launch_shape(max_query_len: int, num_heads: int, num_kv_heads: int) -> tuple
     return max(1, block_m // group), block_m
 
 
+def split_segments(
+    sink_tokens: int, window_tokens: int, block_q: int, base_programs: int, max_query_len: int,
+    min_tiles: int = SEGMENT_MIN_TILES,
+) -> tuple[int, int]:
+    """``(num_segments, keys_per_segment)`` of a launch; ``(1, 0)``: no split.
+
+    Decode launches only (``max_query_len <= 1``: prefill tiles already give
+    enough programs, and their partial results would be large), and only a
+    bounded window. Host integers alone decide, so a captured graph keeps
+    its split. ``block_q`` queries of a tile need at most ``sink + window +
+    block_q - 1`` keys: the segments cover that.
+    """
+    if max_query_len > 1 or window_tokens >= FULL_WINDOW:
+        return 1, 0
+    tiles = -(-(sink_tokens + window_tokens + block_q - 1) // TILE_N)
+    wanted = -(-SPLIT_TARGET_PROGRAMS // max(1, base_programs))
+    num_seg = min(wanted, MAX_SEGMENTS, tiles // min_tiles)
+    if num_seg <= 1:
+        return 1, 0
+    seg_tiles = -(-tiles // num_seg)
+    return -(-tiles // seg_tiles), seg_tiles * TILE_N
+
+
 def sink_window_attention_triton(
     query: torch.Tensor,  # [T, H, D]
     kv_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, 2 * D]
@@ -353,13 +475,16 @@ def sink_window_attention_triton(
     num_reqs: int,
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
+    split_kv: bool | None = None,
 ) -> torch.Tensor:
     """LightTransfer lazy-layer attention for one step's batch; see the module docstring.
 
     ``num_reqs`` and ``query.shape[0]`` fix the grid (host ints, pad them
     for CUDA graphs); ``max_query_len`` only picks decode (1) or prefill
     tiling. Rows of ``output`` past ``query_start_loc[num_reqs]`` are left
-    as they are.
+    as they are. ``split_kv``: None lets ``split_segments`` decide; False
+    never splits; True splits whenever the window is bounded and spans
+    two tiles, one tile per segment, prefill tiles too (tests, benchmarks).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use paged.sink_window_attention")
@@ -382,7 +507,23 @@ def sink_window_attention_triton(
         k_scale_t = v_scale_t = seq_lens  # unused pointer (KV_FP8 is off)
     group = num_heads // num_kv_heads
     block_q, block_m = launch_shape(max_query_len, num_heads, num_kv_heads)
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    tiles = num_tokens // block_q + num_reqs
+    num_seg, seg_keys = 1, 0
+    if split_kv is None:
+        num_seg, seg_keys = split_segments(sink_tokens, window_tokens, block_q, tiles * num_kv_heads, max_query_len)
+    elif split_kv:
+        num_seg, seg_keys = split_segments(sink_tokens, window_tokens, block_q, 1, 1, min_tiles=1)
+    if num_seg > 1:
+        # Partial softmax states; allocated per call (inside a captured
+        # graph this comes from the graph's private pool).
+        part_m = torch.empty(num_tokens, num_heads, num_seg, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(num_tokens, num_heads, num_seg, head_size, dtype=torch.float32, device=query.device)
+    else:
+        part_m = part_l = part_acc = seq_lens  # unused pointers (NUM_SEG == 1)
+    head_pad = max(16, _next_pow2(head_size))
+    grid = (tiles, num_kv_heads, num_seg)
+    LAST_LAUNCH.update(grid=grid, segments=num_seg, keys_per_segment=seg_keys)
     _sink_window_kernel[grid](
         output,
         query,
@@ -401,9 +542,13 @@ def sink_window_attention_triton(
         *output.stride(),
         *kv_cache.stride(),
         *block_table.stride(),
+        part_m,
+        part_l,
+        part_acc,
+        int(seg_keys),
         GROUP=group,
         HEAD_SIZE=head_size,
-        HEAD_PAD=max(16, _next_pow2(head_size)),
+        HEAD_PAD=head_pad,
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         TILE=TILE_N,
@@ -414,8 +559,26 @@ def sink_window_attention_triton(
         # both operands are rounded to the GPU path's dtype, then multiplied
         # in float32.
         UPCAST=query.device.type == "cpu",
+        NUM_SEG=num_seg,
+        NUM_HEADS=num_heads,
         num_warps=4,
     )
+    if num_seg > 1:
+        _combine_segments[(num_tokens, num_heads)](
+            output,
+            query_start_loc,
+            part_m,
+            part_l,
+            part_acc,
+            int(num_reqs),
+            *output.stride(),
+            HEAD_SIZE=head_size,
+            HEAD_PAD=head_pad,
+            NUM_SEG=num_seg,
+            SEG_PAD=max(2, _next_pow2(num_seg)),
+            NUM_HEADS=num_heads,
+            num_warps=1,
+        )
     return output
 
 
