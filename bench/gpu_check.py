@@ -525,6 +525,12 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
         row["nosplit_lazy_ms"] = measure(nosplit, iters)
         if gmeasure:
             row["nosplit_lazy_graph_ms"] = gmeasure(nosplit, iters)
+            # The finest split (segments of one 64-key tile, up to MAX_SEGMENTS).
+            maxsplit = lambda: tsw.sink_window_attention_triton(  # noqa: E731
+                query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
+                q_len, batch, ks, vs, split_kv=True)
+            row["maxsplit_lazy_graph_ms"] = gmeasure(maxsplit, iters)
+            row["maxsplit_segments"] = tsw.LAST_LAUNCH.get("segments")
     keys_read = min(context, shape.sink + shape.window + q_len - 1)
     row["lazy_GBps"] = batch * keys_read * kv_bytes_token / (row["lazy_ms"] * 1e-3) / 1e9
     # The same layer converted per KV head (model.KVHeadSplitAttention): one
@@ -826,14 +832,15 @@ def markdown(report: dict) -> str:
     if graph_rows:
         lines += ["", f"Replayed from a CUDA graph ({GRAPH_CALLS} calls per graph, median ms per call): device "
                   "time, as vLLM's captured decode runs it. lazy / full = lazy over SDPA full (else paged full).", "",
-                  "| kv | batch | context | q_len | segments | lazy ms | lazy unsplit ms | lazy per KV head ms "
-                  "| paged full ms | SDPA full ms | lazy / full | window / context | lazy GB/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| kv | batch | context | q_len | segments | lazy ms | lazy unsplit ms | lazy finest split ms "
+                  "| lazy per KV head ms | paged full ms | SDPA full ms | lazy / full | window / context | lazy GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         sw = b["shape"]["sink"] + b["shape"]["window"]
         for r in graph_rows:
             lines.append(
                 f"| {r['kv']} | {r['batch']} | {r['context']} | {r['q_len']} | {r.get('segments')} "
                 f"| {fmt(r.get('lazy_graph_ms'))} | {fmt(r.get('nosplit_lazy_graph_ms'))} "
+                f"| {fmt(r.get('maxsplit_lazy_graph_ms'))} ({r.get('maxsplit_segments', '')}) "
                 f"| {fmt(r.get('per_head_lazy_graph_ms'))} | {fmt(r.get('paged_full_graph_ms'))} "
                 f"| {fmt(r.get('sdpa_full_graph_ms'))} | {fmt(r.get('graph_lazy_over_full'))} "
                 f"| {fmt(min(1.0, sw / r['context']))} | {fmt(r.get('graph_lazy_GBps'))} |")
