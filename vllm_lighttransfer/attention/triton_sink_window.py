@@ -51,26 +51,39 @@ Layout
     per-layer ``k_scale`` / ``v_scale`` float tensors (vLLM's
     ``--kv-cache-dtype fp8``).
 
+Split-KV (decode)
+    A decode program alone walks up to ``sink + window`` keys one 64-key
+    tile after another: about 43 us for 1024 keys on an H200 whatever the
+    batch, slower than flash attention over 32K keys at batch 1
+    (bench/GPU.md). Decode launches (``max_query_len`` 1) therefore cut a
+    tile's keys (the sink part, then the window part) into segments
+    (``split_segments``: whole tiles, at least 128 keys, at most 16, as
+    many as reach about 1024 programs); each program writes its partial
+    softmax state (max, sum, float32 accumulator) and
+    ``_combine_segments`` merges them per (token, query head). 2.7x faster
+    at batch 1, 2.2x at batch 8 (H200). Prefill tiles never split.
+
 CUDA graphs
-    The launch grid is ``(T // BLOCK_Q + num_reqs, num_kv_heads)`` where
-    ``T = query.shape[0]`` and ``num_reqs`` are the host integers vLLM pads
-    for a captured batch, and ``BLOCK_Q`` depends only on whether
-    ``max_query_len > 1`` and the head grouping: the grid never depends on
-    device data. Each program finds its request by a binary search over
+    The launch grid is ``(T // BLOCK_Q + num_reqs, num_kv_heads,
+    segments)`` where ``T = query.shape[0]`` and ``num_reqs`` are the host
+    integers vLLM pads for a captured batch, ``BLOCK_Q`` depends only on
+    whether ``max_query_len > 1`` and the head grouping, and the segments
+    on those and the sink and window: the grid never depends on device
+    data. Each program finds its request by a binary search over
     ``query_start_loc`` on the device; programs past the last request's
     tiles (padding) return at once, and padded requests (zero queries) do
-    nothing. No ``.item()``, no host sync, no allocation: a captured launch
-    replays correctly after ``seq_lens``, ``query_start_loc`` and
-    ``block_table`` are updated in place. Scales are read from device
+    nothing. No ``.item()``, no host sync; the only allocation is the
+    split's partial buffers, which a capture takes from its graph's pool. A
+    captured launch replays correctly after ``seq_lens``,
+    ``query_start_loc`` and ``block_table`` are updated in place (checked on
+    an H200: graph == eager bit for bit). Scales are read from device
     tensors for the same reason.
 
 Limitations
-    No split-KV (flash-decoding): one program per (request, KV head) in
-    decode, so a decode batch of ``R`` requests runs ``R * num_kv_heads``
-    programs; fine for the lazy layers' short ranges and large batches,
-    slow for the full-attention variant at batch 1 over 100K+ tokens
-    (``paged_causal_attention_triton`` is a baseline, not a product path).
-    No ALiBi, soft-capping, learned sinks or fused output quantization.
+    The full-attention variant (``paged_causal_attention_triton``, a
+    benchmark baseline, not a product path) never splits: slow at batch 1
+    over 100K+ tokens. No software pipelining of the key loop. No ALiBi,
+    soft-capping, learned sinks or fused output quantization.
     Importing this module needs only torch (paged.py too, for the KV
     write); without Triton ``HAS_TRITON`` is False and the attention
     entries raise.
