@@ -13,6 +13,8 @@ own try/except, under one global time budget (default 420 s):
       1020) against full causal attention over the whole context, both as
       torch SDPA (flash) on a contiguous cache and as our paged kernel in
       full mode; decode and a 2048-token prefill chunk; bf16 and fp8 caches;
+      eager and replayed from a CUDA graph; also the layer converted per KV
+      head, and decode without split-KV and with the finest split;
   (c) CUDA-graph capture of a decode step (KV write + our kernel) with
       persistent buffers, replayed after ``seq_lens``/``query`` change in
       place, compared with eager.
