@@ -497,12 +497,6 @@ def test_cli_flags_one_error_line_naming_the_flag(flags):
         assert line == f"error: SRC={MISSING_SRC}: no such file or folder", line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert/scoring.py check_prompt_length (called by check_options with "
-    "--calibration-length) says 'calibration prompt of N tokens is not longer than "
-    "--sink-tokens S + --window-tokens W' and never names --calibration-length",
-)
 def test_cli_short_calibration_names_calibration_length():
     rc, err = _run(["convert", MISSING_SRC, "/nonexistent/out", "--calibration-length=100",
                     "--window-tokens=200"])

@@ -104,7 +104,8 @@ def check_prompt_length(length: int, sink_tokens: int, window_tokens: int, n_las
         raise LightTransferConfigError(
             f"calibration prompt of {length} tokens is not longer than --sink-tokens "
             f"{sink_tokens} + --window-tokens {window_tokens} = {sink_tokens + window_tokens}: "
-            "every key would be retained and every layer would score 1"
+            "every key would be retained and every layer would score 1; use a --calibration-length "
+            f"above {sink_tokens + window_tokens} (and calibration text at least that long)"
         )
     if n_last > length:
         raise LightTransferConfigError(
