@@ -512,26 +512,24 @@ def bench_one(measure, tsw, shape: Shape, batch: int, context: int, q_len: int, 
     kv_bytes_token = 2 * Hkv * D * (1 if kv == "fp8" else 2)
 
     cache, table = paged_layout(batch, context, q_len, shape, "sink_window", device, cache_dtype, gen)
-    lazy = lambda: tsw.sink_window_attention_triton(  # noqa: E731
-        query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
-        q_len, batch, ks, vs)
+    def lazy_launch(split_kv=None):
+        """One lazy-layer call on this row's batch; ``split_kv`` as the kernel takes it."""
+        return lambda: tsw.sink_window_attention_triton(
+            query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
+            q_len, batch, ks, vs, split_kv=split_kv)
+
+    lazy = lazy_launch()
     row["lazy_ms"] = measure(lazy, iters)
     row["segments"] = tsw.LAST_LAUNCH.get("segments")
     if gmeasure:
         row["lazy_graph_ms"] = gmeasure(lazy, iters)
     if row["segments"] and row["segments"] > 1:
         # The same launch without split-KV: what the segments buy.
-        nosplit = lambda: tsw.sink_window_attention_triton(  # noqa: E731
-            query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
-            q_len, batch, ks, vs, split_kv=False)
-        row["nosplit_lazy_ms"] = measure(nosplit, iters)
+        row["nosplit_lazy_ms"] = measure(lazy_launch(False), iters)
         if gmeasure:
-            row["nosplit_lazy_graph_ms"] = gmeasure(nosplit, iters)
+            row["nosplit_lazy_graph_ms"] = gmeasure(lazy_launch(False), iters)
             # The finest split (segments of one 64-key tile, up to MAX_SEGMENTS).
-            maxsplit = lambda: tsw.sink_window_attention_triton(  # noqa: E731
-                query, cache, qsl, seq, table, shape.block_size, shape.sink, shape.window, scale, out,
-                q_len, batch, ks, vs, split_kv=True)
-            row["maxsplit_lazy_graph_ms"] = gmeasure(maxsplit, iters)
+            row["maxsplit_lazy_graph_ms"] = gmeasure(lazy_launch(True), iters)
             row["maxsplit_segments"] = tsw.LAST_LAUNCH.get("segments")
     keys_read = min(context, shape.sink + shape.window + q_len - 1)
     row["lazy_GBps"] = batch * keys_read * kv_bytes_token / (row["lazy_ms"] * 1e-3) / 1e9
